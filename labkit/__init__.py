@@ -1,0 +1,69 @@
+"""labkit: the helper package of the inference-optimization lab book.
+
+Every notebook starts with ``labkit.setup(seed=0)``. Importing labkit sets the
+two TensorFlow switches that must be set before TensorFlow is first imported:
+legacy Keras (tfmot does not support Keras 3) and quiet C++ logs.
+"""
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")   # tf.keras -> tf_keras, as tfmot needs
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep red C++ log blocks out of notebooks
+
+__version__ = "0.1.0"
+
+ROOT = Path(os.environ.get("LABKIT_ROOT", Path(__file__).resolve().parent.parent))
+DATA_DIR = ROOT / "data"
+ARTIFACTS_DIR = ROOT / "artifacts"   # trained and exported models, git-ignored
+RESULTS_DIR = ROOT / "results"       # measurements.csv, git-ignored
+NOTEBOOKS_DIR = ROOT / "notebooks"
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def _import_tensorflow_quietly():
+    """Import TensorFlow and start its CPU device with stderr silenced.
+
+    TensorFlow 2.21 prints its start-up lines (oneDNN, CUDA probes) before its log level
+    is read, so TF_CPP_MIN_LOG_LEVEL alone cannot hide them.
+    """
+    import sys
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+        (tf.constant(1.0) + 1.0).numpy()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tf
+
+
+def setup(seed: int = 0, quiet: bool = True) -> dict:
+    """Set seeds, op determinism and quiet logs; return the versions in use (every notebook)."""
+    tf = _import_tensorflow_quietly() if quiet else __import__("tensorflow")
+    import tf_keras
+    if not tf.keras.__name__.startswith("tf_keras"):
+        raise RuntimeError(
+            f"tf.keras is {tf.keras.__name__} (Keras 3), but tfmot needs legacy Keras 2 (tf_keras). "
+            "TensorFlow was imported before labkit: restart the kernel and call labkit.setup() "
+            "before importing TensorFlow, or set TF_USE_LEGACY_KERAS=1 in the environment.")
+
+    if quiet:
+        tf.get_logger().setLevel("ERROR")
+        import absl.logging
+        absl.logging.set_verbosity(absl.logging.ERROR)
+        import warnings
+        warnings.filterwarnings("ignore", module="tensorflow_model_optimization")
+    # Same seed, same weights, same numbers: Python, NumPy and TensorFlow seeds in one call.
+    tf_keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    from labkit.measure import machine_info
+    return machine_info()

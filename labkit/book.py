@@ -1,0 +1,116 @@
+"""Run the whole lab book headless: `python -m labkit.book`.
+
+Executes every notebook in notebooks/ in order, each in a fresh kernel, writes the executed
+copies and a report (Markdown and HTML, with the measurements table and a plot) to
+build/book/, and exits non-zero if any notebook failed.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import sys
+import time
+from pathlib import Path
+
+from labkit import NOTEBOOKS_DIR, ROOT
+
+BUILD_DIR = ROOT / "build" / "book"
+
+
+def notebooks(directory: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The book's notebooks in reading order (their names start with the chapter number)."""
+    return sorted(p for p in Path(directory).glob("[0-9][0-9]_*.ipynb"))
+
+
+def run_notebook(path: Path, out_dir: Path, timeout_s: int = 1800) -> dict:
+    """Execute one notebook in a fresh kernel; save the executed copy even when it fails."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    start = time.perf_counter()
+    error = None
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        error = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+    except Exception as exc:  # kernel died, timeout
+        error = f"{type(exc).__name__}: {exc}"
+    seconds = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out_dir / path.name)
+    return {"notebook": path.name, "ok": error is None, "seconds": seconds, "error": error}
+
+
+def markdown_table(frame) -> str:
+    frame = frame.reset_index(drop=True)
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    body = ["| " + " | ".join("" if v != v else str(v) for v in row) + " |" for row in frame.values]
+    return "\n".join([header, rule, *body])
+
+
+def write_report(runs: list[dict], out_dir: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import pandas as pd
+    from labkit import measure, plots, results
+    table = results.load()
+    shown = table.drop(columns=["machine"]).copy()
+    for column in ("latency_p50_us", "latency_p95_us", "throughput_ips"):
+        shown[column] = shown[column].round(1)
+    shown["accuracy"] = shown["accuracy"].round(4)
+    figures = []
+    if not table.empty:
+        fig = plots.tradeoff(table)
+        fig.savefig(out_dir / "tradeoff.png", dpi=110)
+        figures.append("tradeoff.png")
+    status = pd.DataFrame(runs)
+    status["seconds"] = status["seconds"].round(1)
+    lines = ["# Lab book report", "",
+             f"Machine: {measure.machine_string()}", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
+             "## Notebooks", "", markdown_table(status), "",
+             "## Measurements (results/measurements.csv)", "", markdown_table(shown), ""]
+    lines += [f"![{name}]({name})" for name in figures]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    page = ["<html><head><meta charset='utf-8'><title>Lab book report</title></head><body>",
+            "<h1>Lab book report</h1>", f"<p>Machine: {html.escape(measure.machine_string())}</p>",
+            "<h2>Notebooks</h2>", status.to_html(index=False),
+            "<h2>Measurements</h2>", shown.to_html(index=False)]
+    page += [f"<img src='{name}' alt='{name}'>" for name in figures]
+    (out_dir / "report.html").write_text("\n".join(page + ["</body></html>"]))
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="run only notebooks whose names contain these")
+    parser.add_argument("--out", type=Path, default=BUILD_DIR, help="where executed copies and the report go")
+    args = parser.parse_args(argv)
+    chosen = [p for p in notebooks() if not args.names or any(n in p.name for n in args.names)]
+    if not chosen:
+        print(f"No notebooks matched in {NOTEBOOKS_DIR}", file=sys.stderr)
+        return 2
+    runs = []
+    for path in chosen:
+        print(f"running {path.name} ...", flush=True)
+        run = run_notebook(path, args.out)
+        runs.append(run)
+        print(f"  {'ok' if run['ok'] else 'FAILED'} in {run['seconds']:.0f} s"
+              + ("" if run["ok"] else f": {run['error']}"), flush=True)
+    report = write_report(runs, args.out)
+    failed = [r["notebook"] for r in runs if not r["ok"]]
+    print(f"report: {report}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"all {len(runs)} notebooks ran")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Open the lab book in JupyterLab: `python -m labkit.lab` (extra arguments go to JupyterLab).
+
+Serves notebooks/ on localhost only, with JupyterLab's token authentication kept.
+"""
+import os
+import sys
+
+from labkit import NOTEBOOKS_DIR
+
+
+def command(extra=()) -> list:
+    cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={NOTEBOOKS_DIR}",
+           "--ServerApp.ip=127.0.0.1"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # containers and CI machines run as root
+    return cmd + list(extra)
+
+
+if __name__ == "__main__":
+    cmd = command(sys.argv[1:])
+    print("Starting:", " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)

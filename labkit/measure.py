@@ -1,0 +1,412 @@
+"""Honest measurement: accuracy, latency, throughput, size, parameters, MACs, memory (every notebook).
+
+Every model kind is wrapped in a *runner*: a callable that takes a float32 batch of shape
+(n, 28, 28, 1) and returns logits as a NumPy array. A runner's ``timed`` says exactly what one
+timed call includes. Variants that are compared are timed *interleaved* in one loop, so a
+noisy neighbour or a clock change hits them all alike.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import platform
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import labkit  # noqa: F401  (sets the legacy-Keras switch before TensorFlow loads)
+import numpy as np
+import pandas as pd
+import psutil
+
+
+# ----------------------------------------------------------------------------- the machine
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for package in ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "numpy"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def machine_info() -> dict:
+    """CPU, cores and library versions: recorded beside every timing."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            **versions()}
+
+
+def machine_string() -> str:
+    """One line for the results store's `machine` column."""
+    info = machine_info()
+    return (f"{info['cpu']} | {info['usable_cores']} cores | TF {info['tensorflow']} | "
+            f"tf-keras {info['tf-keras']} | LiteRT {info['ai-edge-litert']}")
+
+
+# ----------------------------------------------------------------------------- runners
+
+@dataclass
+class Runner:
+    """A model behind one calling convention: ``runner(x) -> logits`` (NumPy in, NumPy out)."""
+    name: str
+    fn: Callable[[np.ndarray], np.ndarray]
+    timed: str              # what one timed call includes
+    threads: int | None = None
+    artifact: str | None = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.fn(x)
+
+
+def keras_predict(model, name: str = "keras predict") -> Runner:
+    return Runner(name, lambda x: model.predict(x, verbose=0),
+                  "model.predict(x): sets up a data adapter and predict loop on every call, runs the graph, "
+                  "returns NumPy")
+
+
+def keras_call(model, name: str = "keras call") -> Runner:
+    return Runner(name, lambda x: model(x, training=False).numpy(),
+                  "model(x, training=False) eagerly, op by op from Python, plus .numpy()")
+
+
+def tf_function(model, name: str = "tf.function", jit_compile: bool = False) -> Runner:
+    import tensorflow as tf
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
+    graph_fn = tf.function(lambda x: model(x, training=False), input_signature=[spec],
+                           jit_compile=jit_compile)
+    return Runner(name, lambda x: graph_fn(x).numpy(),
+                  "a traced graph called from Python (one dispatch per call), plus .numpy()")
+
+
+def saved_model(path, name: str = "SavedModel", signature: str = "serving_default") -> Runner:
+    import tensorflow as tf
+    path = Path(path)
+    if not (path / "saved_model.pb").is_file():
+        raise FileNotFoundError(f"No SavedModel at {path} (expected {path / 'saved_model.pb'}). "
+                                "Export one with tf.saved_model.save(model, path) first.")
+    loaded = tf.saved_model.load(str(path))
+    fn = loaded.signatures[signature]
+    input_name = list(fn.structured_input_signature[1].keys())[0]
+
+    def run(x):
+        outputs = fn(**{input_name: tf.constant(x)})
+        return next(iter(outputs.values())).numpy()
+    run.loaded = loaded  # keep the object alive as long as the runner
+    return Runner(name, run, "the loaded signature function called from Python, plus .numpy()",
+                  artifact=str(path))
+
+
+class LiteRTModel:
+    """A .tflite file in the LiteRT interpreter, taking float32 in and giving float32 out.
+
+    An int8 model's input is quantized and its output dequantized with the model's own scale
+    and zero-point, so it can be compared with float models on the same images.
+    """
+
+    def __init__(self, path, num_threads: int | None = None, xnnpack: bool = True):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"No .tflite model at {self.path}. Convert one first "
+                                    "(labkit.models.save_tflite).")
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            self.interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads,
+                                           experimental_op_resolver_type=resolver)
+        except ValueError as error:
+            raise ValueError(f"{self.path} is not a valid .tflite model: {error}") from None
+        self.num_threads, self.xnnpack = num_threads, xnnpack
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.batch = int(self.input["shape"][0])
+
+    def _resize(self, batch: int):
+        shape = list(self.input["shape"])
+        shape[0] = batch
+        self.interpreter.resize_tensor_input(self.input["index"], shape)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.batch = batch
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if len(x) != self.batch:
+            self._resize(len(x))
+        dtype = self.input["dtype"]
+        if dtype != np.float32:
+            scale, zero_point = self.input["quantization"]
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(dtype)
+        self.interpreter.set_tensor(self.input["index"], x)
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.output["index"])
+        if y.dtype != np.float32:
+            scale, zero_point = self.output["quantization"]
+            y = (y.astype(np.float32) - zero_point) * scale
+        return y
+
+
+def litert(path, num_threads: int | None = 1, xnnpack: bool = True, name: str | None = None) -> Runner:
+    model = LiteRTModel(path, num_threads=num_threads, xnnpack=xnnpack)
+    label = name or f"LiteRT {'XNNPACK' if xnnpack else 'built-in kernels'} {num_threads} thread(s)"
+    runner = Runner(label, model, "set_tensor + invoke + get_tensor on a LiteRT interpreter "
+                    "(input quantized / output dequantized for integer models)",
+                    threads=num_threads, artifact=str(path))
+    runner.model = model
+    return runner
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+def accuracy(runner: Callable, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    """Top-1 accuracy over (x, y), run in batches."""
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        logits = runner(np.ascontiguousarray(x[start:start + batch_size]))
+        correct += int(np.sum(np.argmax(logits, axis=-1) == y[start:start + batch_size]))
+    return correct / len(x)
+
+
+# ----------------------------------------------------------------------------- latency
+
+@dataclass
+class Latency:
+    """Per-call wall times in microseconds for each runner, measured interleaved."""
+    samples_us: dict
+    timed: dict
+    threads: dict
+    machine: dict = field(default_factory=machine_info)
+
+    def summary(self) -> pd.DataFrame:
+        rows = []
+        for name, us in self.samples_us.items():
+            rows.append({"runner": name, "calls": len(us),
+                         "latency_p50_us": float(np.percentile(us, 50)),
+                         "latency_p95_us": float(np.percentile(us, 95)),
+                         "mean_us": float(np.mean(us)), "std_us": float(np.std(us)),
+                         "min_us": float(np.min(us)), "max_us": float(np.max(us)),
+                         "threads": self.threads[name]})
+        return pd.DataFrame(rows).set_index("runner")
+
+    def p50(self, name: str) -> float:
+        return float(np.percentile(self.samples_us[name], 50))
+
+    def p95(self, name: str) -> float:
+        return float(np.percentile(self.samples_us[name], 95))
+
+
+def measure_latency(runners, images: np.ndarray, *, warmup: int = 10, repeats: int = 100,
+                    seed: int = 0) -> Latency:
+    """Batch-1 latency of each runner, interleaved: each round calls every runner once, in a shuffled order.
+
+    Warm-up calls (first-call tracing, allocation, caches) are made and discarded first.
+    One call is timed with time.perf_counter_ns around the runner, so Python's own call
+    overhead is inside the figure, as it is for any Python program that uses the model.
+    """
+    runners = list(runners)
+    if not runners:
+        raise ValueError("measure_latency needs at least one runner")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    names = [r.name for r in runners]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runner names must be unique, got {names}")
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    singles = [images[i:i + 1] for i in range(len(images))]  # sliced once, outside the timed region
+    rng = np.random.default_rng(seed)
+    for i in range(warmup):
+        for runner in runners:
+            runner(singles[i % len(singles)])
+    samples = {name: np.empty(repeats) for name in names}
+    for i in range(repeats):
+        x = singles[i % len(singles)]
+        for j in rng.permutation(len(runners)):
+            runner = runners[j]
+            start = time.perf_counter_ns()
+            runner(x)
+            samples[runner.name][i] = (time.perf_counter_ns() - start) / 1e3
+    return Latency(samples, {r.name: r.timed for r in runners}, {r.name: r.threads for r in runners})
+
+
+def measure_throughput(runners, images: np.ndarray, batch_size: int = 256, rounds: int = 3,
+                       seed: int = 0) -> pd.Series:
+    """Images per second at `batch_size` over all of `images`; the median of interleaved rounds."""
+    runners = list(runners)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    batches = [images[i:i + batch_size] for i in range(0, len(images) - batch_size + 1, batch_size)]
+    if not batches:
+        raise ValueError(f"need at least batch_size={batch_size} images, got {len(images)}")
+    rng = np.random.default_rng(seed)
+    for runner in runners:  # warm-up at this batch size (LiteRT resizes its input here)
+        runner(batches[0])
+    rates = {r.name: [] for r in runners}
+    for _ in range(rounds):
+        for j in rng.permutation(len(runners)):
+            runner = runners[j]
+            start = time.perf_counter()
+            for batch in batches:
+                runner(batch)
+            rates[runner.name].append(len(batches) * batch_size / (time.perf_counter() - start))
+    return pd.Series({name: float(np.median(r)) for name, r in rates.items()}, name="throughput_ips")
+
+
+# ----------------------------------------------------------------------------- size
+
+def size_bytes(path) -> int:
+    """Bytes on disk of a file, or of every file under a directory (a SavedModel)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def gzip_bytes(path) -> int:
+    """Bytes after gzip -9 of a file, or of a deterministic tar of a directory."""
+    path = Path(path)
+    if path.is_dir():
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                info = tar.gettarinfo(str(f), arcname=str(f.relative_to(path)))
+                info.mtime = 0
+                with open(f, "rb") as fh:
+                    tar.addfile(info, fh)
+        data = buffer.getvalue()
+    else:
+        data = path.read_bytes()
+    return len(gzip.compress(data, compresslevel=9, mtime=0))
+
+
+# ----------------------------------------------------------------------------- parameters and MACs
+
+def _inner(layer):
+    """The Keras layer inside a tfmot wrapper (pruning, clustering, QAT), or the layer itself."""
+    while hasattr(layer, "layer"):
+        layer = layer.layer
+    return layer
+
+
+def count_params(model) -> dict:
+    """Parameters (every weight the model stores) and how many of them are non-zero."""
+    total = nonzero = 0
+    for weight in model.weights:
+        values = weight.numpy()
+        total += values.size
+        nonzero += int(np.count_nonzero(values))
+    return {"params": total, "nonzero_params": nonzero}
+
+
+def layer_macs(model) -> pd.DataFrame:
+    """Multiply-accumulates per image of each Conv2D, DepthwiseConv2D and Dense layer."""
+    import tf_keras as keras
+    rows = []
+    for wrapper in model.layers:
+        layer = _inner(wrapper)
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            _, h, w, c = wrapper.output_shape
+            kh, kw = layer.kernel_size
+            macs = h * w * c * kh * kw
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, c_out = wrapper.output_shape
+            kh, kw = layer.kernel_size
+            c_in = wrapper.input_shape[-1] // layer.groups
+            macs = h * w * c_out * kh * kw * c_in
+        elif isinstance(layer, keras.layers.Dense):
+            positions = int(np.prod(wrapper.output_shape[1:-1])) if len(wrapper.output_shape) > 2 else 1
+            macs = positions * wrapper.input_shape[-1] * layer.units
+        else:
+            continue
+        rows.append({"layer": wrapper.name, "type": type(layer).__name__, "macs": int(macs)})
+    return pd.DataFrame(rows, columns=["layer", "type", "macs"])
+
+
+def count_macs(model) -> int:
+    """Total multiply-accumulates for one image (batch 1)."""
+    return int(layer_macs(model)["macs"].sum())
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_during(fn: Callable, *args, interval_s: float = 0.0005, **kwargs) -> dict:
+    """Run fn while a thread samples the process's resident set; return the peak and the growth.
+
+    Sampling every 0.5 ms can miss a spike shorter than that, so the peak is a lower bound.
+    """
+    before = _rss()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn(*args, **kwargs)
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _rss())
+    return {"rss_before_bytes": before, "rss_peak_bytes": peak[0], "rss_growth_bytes": peak[0] - before}
+
+
+def litert_arena_bytes(path) -> dict:
+    """Activation memory a LiteRT model needs: every non-constant tensor, and the peak of those alive at once.
+
+    LiteRT's arena planner places tensors whose lifetimes do not overlap in the same bytes,
+    so its arena sits between `planned_peak_bytes` (the best any plan can do) and
+    `all_activations_bytes` (no reuse at all).
+    """
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    ops = interpreter._get_ops_details()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    produced = {i for op in ops for i in op["outputs"]}
+    graph_inputs = {d["index"] for d in interpreter.get_input_details()}
+    activations = produced | graph_inputs
+
+    def nbytes(index):
+        t = tensors[index]
+        return int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+
+    first = {i: -1 for i in graph_inputs}
+    last = {}
+    for step, op in enumerate(ops):
+        for i in op["outputs"]:
+            first.setdefault(i, step)
+        for i in op["inputs"]:
+            if i in activations:
+                last[i] = step
+    for d in interpreter.get_output_details():
+        last[d["index"]] = len(ops)
+    peak = max(sum(nbytes(i) for i in activations if first.get(i, -1) <= step <= last.get(i, first.get(i, -1)))
+               for step in range(len(ops)))
+    return {"all_activations_bytes": sum(nbytes(i) for i in activations), "planned_peak_bytes": peak}

@@ -1,0 +1,127 @@
+"""The one results store, results/measurements.csv, that every notebook writes to.
+
+Rows are keyed by `variant`: recording a variant again replaces its row. Every write goes
+to a temporary file that then replaces the store in one step, so an interrupted write
+leaves the previous store whole.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+from labkit import RESULTS_DIR, ROOT
+
+RESULTS_PATH = RESULTS_DIR / "measurements.csv"
+COLUMNS = ["variant", "technique", "notebook", "accuracy", "latency_p50_us", "latency_p95_us",
+           "throughput_ips", "size_bytes", "gzip_bytes", "artifact", "machine", "measured_at"]
+TECHNIQUES = ("baseline", "pruning", "clustering", "quantization", "graph", "runtime",
+              "distributed", "pipeline")
+
+
+def load(path: Path = RESULTS_PATH) -> pd.DataFrame:
+    """Every stored row (an empty table with the right columns if nothing is stored yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame(columns=COLUMNS)
+    table = pd.read_csv(path)
+    missing = set(COLUMNS) - set(table.columns)
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)}: it is not a labkit results "
+                         "store. Move it aside; the notebooks will write a fresh one.")
+    return table[COLUMNS]
+
+
+def relative_artifact(path) -> str:
+    """An artifact path relative to the repository root, as the store keeps it."""
+    if path is None or path == "":
+        return ""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(ROOT.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def validate(row: dict) -> dict:
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown result columns {sorted(unknown)}; the columns are {COLUMNS}")
+    if not row.get("variant"):
+        raise ValueError("every result row needs a non-empty 'variant' name")
+    if row.get("technique") not in TECHNIQUES:
+        raise ValueError(f"technique must be one of {TECHNIQUES}, got {row.get('technique')!r}")
+    accuracy = row.get("accuracy")
+    if accuracy is not None and not pd.isna(accuracy) and not 0.0 <= float(accuracy) <= 1.0:
+        raise ValueError(f"accuracy is a fraction in [0, 1], got {accuracy}")
+    return row
+
+
+@contextmanager
+def _locked(path: Path):
+    """Serialise read-modify-write across processes where the OS allows it (POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: notebooks run one at a time anyway
+        yield
+        return
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _atomic_write(table: pd.DataFrame, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".measurements-", suffix=".csv")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            table.to_csv(f, index=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def upsert(rows, path: Path = RESULTS_PATH) -> pd.DataFrame:
+    """Insert rows, replacing any stored row with the same variant; return the whole store."""
+    if isinstance(rows, dict):
+        rows = [rows]
+    rows = [validate(dict(row)) for row in rows]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for row in rows:
+        row.setdefault("measured_at", stamp)
+        row["artifact"] = relative_artifact(row.get("artifact"))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        new = pd.DataFrame(rows).reindex(columns=COLUMNS)
+        old = load(path)
+        old = old[~old["variant"].isin(new["variant"])]
+        table = new if old.empty else pd.concat([old, new], ignore_index=True)
+        _atomic_write(table, path)
+    return table
+
+
+def make_row(variant: str, technique: str, notebook: str, *, accuracy=None, latency=None,
+             runner_name: str | None = None, throughput_ips=None, artifact=None, machine=None) -> dict:
+    """A store row for one variant; sizes come from the artifact, latency from a `measure.Latency`."""
+    from labkit import measure
+    row = {"variant": variant, "technique": technique, "notebook": notebook,
+           "accuracy": accuracy, "throughput_ips": throughput_ips,
+           "artifact": artifact, "machine": machine or measure.machine_string()}
+    if latency is not None:
+        name = runner_name or variant
+        row["latency_p50_us"] = latency.p50(name)
+        row["latency_p95_us"] = latency.p95(name)
+    if artifact:
+        row["size_bytes"] = measure.size_bytes(artifact)
+        row["gzip_bytes"] = measure.gzip_bytes(artifact)
+    return row
