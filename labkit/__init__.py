@@ -5,6 +5,7 @@ two TensorFlow switches that must be set before TensorFlow is first imported:
 legacy Keras (tfmot does not support Keras 3) and quiet C++ logs.
 """
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")   # tf.keras -> tf_keras, as tfmot needs
@@ -22,27 +23,35 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-def _import_tensorflow_quietly():
-    """Import TensorFlow and start its CPU device with stderr silenced.
+@contextmanager
+def quiet_stderr():
+    """Silence the process's stderr (file descriptor 2) for the block.
 
-    TensorFlow 2.21 prints its start-up lines (oneDNN, CUDA probes) before its log level
-    is read, so TF_CPP_MIN_LOG_LEVEL alone cannot hide them.
+    TensorFlow 2.21 and LiteRT print C++ start-up lines (oneDNN, CUDA probes, "Created
+    XNNPACK delegate") before any log level is read, so TF_CPP_MIN_LOG_LEVEL cannot hide them.
     """
     import sys
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import tensorflow as tf
-        tf.config.list_physical_devices()
-        (tf.constant(1.0) + 1.0).numpy()
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def _import_tensorflow_quietly():
+    """Import TensorFlow and start its CPU device without the start-up noise."""
+    import sys
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with quiet_stderr():
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+        (tf.constant(1.0) + 1.0).numpy()
     return tf
 
 

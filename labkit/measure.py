@@ -77,6 +77,8 @@ class Runner:
 
 
 def keras_predict(model, name: str = "keras predict") -> Runner:
+    with labkit.quiet_stderr():  # the first predict logs a harmless tf.data attribute warning
+        model.predict(np.zeros((1, *model.input_shape[1:]), np.float32), verbose=0)
     return Runner(name, lambda x: model.predict(x, verbose=0),
                   "model.predict(x): sets up a data adapter and predict loop on every call, runs the graph, "
                   "returns NumPy")
@@ -129,12 +131,13 @@ class LiteRTModel:
                                     "(labkit.models.save_tflite).")
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads,
-                                           experimental_op_resolver_type=resolver)
+            with labkit.quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate"
+                self.interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads,
+                                               experimental_op_resolver_type=resolver)
+                self.interpreter.allocate_tensors()
         except ValueError as error:
             raise ValueError(f"{self.path} is not a valid .tflite model: {error}") from None
         self.num_threads, self.xnnpack = num_threads, xnnpack
-        self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.batch = int(self.input["shape"][0])
@@ -385,8 +388,9 @@ def litert_arena_bytes(path) -> dict:
     `all_activations_bytes` (no reuse at all).
     """
     from ai_edge_litert.interpreter import Interpreter
-    interpreter = Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
+    with labkit.quiet_stderr():
+        interpreter = Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
     ops = interpreter._get_ops_details()
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     produced = {i for op in ops for i in op["outputs"]}
