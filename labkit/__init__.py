@@ -43,6 +43,41 @@ def quiet_stderr():
         os.close(devnull)
 
 
+# C++ lines that TensorFlow and LiteRT print straight to file descriptor 2 and that say nothing
+# a learner can act on; they would show up as red blocks in every notebook.
+NATIVE_NOISE = (b"use_unbounded_threadpool", b"XNNPACK delegate for CPU", b"absl::InitializeLog",
+                b"cudart_stub", b"cuInit", b"oneDNN custom operations", b"Could not find cuda")
+_stderr_filter_on = False
+
+
+def filter_native_stderr() -> None:
+    """In a Jupyter kernel, drop NATIVE_NOISE lines from fd 2 and pass every other line through.
+
+    Only in a kernel: there Python's own errors reach the notebook by messages, not fd 2, so
+    nothing else is lost; in a terminal a pumping thread could drop a traceback at exit.
+    """
+    global _stderr_filter_on
+    import sys
+    import threading
+    if _stderr_filter_on or "ipykernel" not in sys.modules:
+        return
+    read_end, write_end = os.pipe()
+    forward_to = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump():
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if not any(noise in line for noise in NATIVE_NOISE):
+                    os.write(forward_to, line + b"\n")
+
+    threading.Thread(target=pump, name="labkit-stderr-filter", daemon=True).start()
+    _stderr_filter_on = True
+
+
 def _import_tensorflow_quietly():
     """Import TensorFlow and start its CPU device without the start-up noise."""
     import sys
@@ -57,6 +92,8 @@ def _import_tensorflow_quietly():
 
 def setup(seed: int = 0, quiet: bool = True) -> dict:
     """Set seeds, op determinism and quiet logs; return the versions in use (every notebook)."""
+    if quiet:
+        filter_native_stderr()
     tf = _import_tensorflow_quietly() if quiet else __import__("tensorflow")
     import tf_keras
     if not tf.keras.__name__.startswith("tf_keras"):

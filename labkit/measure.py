@@ -414,3 +414,43 @@ def litert_arena_bytes(path) -> dict:
     peak = max(sum(nbytes(i) for i in activations if first.get(i, -1) <= step <= last.get(i, first.get(i, -1)))
                for step in range(len(ops)))
     return {"all_activations_bytes": sum(nbytes(i) for i in activations), "planned_peak_bytes": peak}
+
+
+_LITERT_MEMORY_PROBE = r"""
+import json, resource, sys
+import numpy as np, psutil
+rss = lambda: psutil.Process().memory_info().rss
+from ai_edge_litert.interpreter import Interpreter
+out = {"rss_runtime_bytes": rss()}
+interpreter = Interpreter(model_path=sys.argv[1], num_threads=int(sys.argv[2]))
+interpreter.allocate_tensors()
+out["rss_after_allocate_bytes"] = rss()
+detail = interpreter.get_input_details()[0]
+interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+for _ in range(10):
+    interpreter.invoke()
+out["rss_after_inference_bytes"] = rss()
+out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(out))
+"""
+
+
+def litert_process_memory(path, num_threads: int = 1) -> dict:
+    """Resident memory of a fresh process that holds only numpy, LiteRT and this model.
+
+    This is what a deployment without TensorFlow pays: measured in a subprocess, since in a
+    notebook TensorFlow's own hundreds of MiB and the allocator's reuse hide the model's share.
+    """
+    import json
+    import subprocess
+    import sys
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No .tflite model at {path}")
+    done = subprocess.run([sys.executable, "-c", _LITERT_MEMORY_PROBE, str(path), str(num_threads)],
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe failed for {path}: {done.stderr.strip()[-500:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["model_and_arena_bytes"] = out["rss_after_inference_bytes"] - out["rss_runtime_bytes"]
+    return out

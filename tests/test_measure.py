@@ -1,0 +1,128 @@
+import gzip
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from labkit import measure, models
+
+
+@pytest.fixture(scope="module")
+def tflite_path(tmp_path_factory, tiny_model):
+    return models.save_tflite(tiny_model, tmp_path_factory.mktemp("lite") / "tiny.tflite")
+
+
+def test_every_runner_computes_the_same_logits(tiny_model, tflite_path, tmp_path, images):
+    import tensorflow as tf
+    tf.saved_model.save(tiny_model, str(tmp_path / "sm"))
+    reference = tiny_model(images, training=False).numpy()
+    runners = [measure.keras_predict(tiny_model), measure.keras_call(tiny_model), measure.tf_function(tiny_model),
+               measure.saved_model(tmp_path / "sm"), measure.litert(tflite_path, 1),
+               measure.litert(tflite_path, 2, xnnpack=False)]
+    for runner in runners:
+        np.testing.assert_allclose(runner(images), reference, atol=1e-4, err_msg=runner.name)
+        assert runner.timed
+
+
+def test_accuracy_matches_a_direct_count(tiny_model, splits):
+    x, y = splits.x_test[:300], splits.y_test[:300]
+    expected = np.mean(np.argmax(tiny_model(x).numpy(), axis=1) == y)
+    assert measure.accuracy(measure.keras_call(tiny_model), x, y, batch_size=64) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="labels"):
+        measure.accuracy(measure.keras_call(tiny_model), x, y[:10])
+
+
+def test_latency_is_interleaved_and_summarised(tiny_model, tflite_path, images):
+    calls = []
+
+    def counting(name):
+        def fn(x):
+            calls.append(name)
+            return np.zeros((len(x), 10))
+        return measure.Runner(name, fn, "a test stub")
+
+    latency = measure.measure_latency([counting("a"), counting("b")], images, warmup=2, repeats=20)
+    timed = calls[4:]  # after 2 warm-up rounds of 2 runners
+    # every round holds one call of each runner: interleaved, never a block of one
+    assert all(sorted(timed[i:i + 2]) == ["a", "b"] for i in range(0, 40, 2))
+    summary = latency.summary()
+    assert list(summary.index) == ["a", "b"] and (summary["calls"] == 20).all()
+    assert (summary["latency_p50_us"] <= summary["latency_p95_us"]).all()
+    assert (summary["min_us"] <= summary["latency_p50_us"]).all()
+    real = measure.measure_latency([measure.litert(tflite_path, 1)], images, warmup=3, repeats=10)
+    assert real.p50("LiteRT XNNPACK 1 thread(s)") > 0
+    with pytest.raises(ValueError, match="unique"):
+        measure.measure_latency([counting("a"), counting("a")], images)
+
+
+def test_throughput_counts_images(images):
+    stub = measure.Runner("stub", lambda x: np.zeros((len(x), 10)), "stub")
+    rates = measure.measure_throughput([stub], np.zeros((64, 28, 28, 1), np.float32), batch_size=16, rounds=2)
+    assert rates["stub"] > 0
+    with pytest.raises(ValueError, match="batch_size"):
+        measure.measure_throughput([stub], images[:4], batch_size=16)
+
+
+def test_litert_resizes_batches_and_rejects_bad_files(tflite_path, tmp_path, images):
+    runner = measure.litert(tflite_path)
+    assert runner(images[:1]).shape == (1, 10) and runner(images).shape == (len(images), 10)
+    with pytest.raises(FileNotFoundError, match="No .tflite"):
+        measure.litert(tmp_path / "missing.tflite")
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a flatbuffer at all")
+    with pytest.raises(ValueError, match="not a valid .tflite"):
+        measure.litert(junk)
+    with pytest.raises(FileNotFoundError, match="No SavedModel"):
+        measure.saved_model(tmp_path)
+
+
+def test_sizes(tmp_path):
+    blob = np.random.default_rng(0).bytes(10000) + bytes(10000)
+    (tmp_path / "f.bin").write_bytes(blob)
+    assert measure.size_bytes(tmp_path / "f.bin") == 20000
+    assert measure.gzip_bytes(tmp_path / "f.bin") == len(gzip.compress(blob, 9, mtime=0))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(bytes(300))
+    (tmp_path / "d" / "b").write_bytes(bytes(700))
+    assert measure.size_bytes(tmp_path / "d") == 1000
+    assert measure.gzip_bytes(tmp_path / "d") == measure.gzip_bytes(tmp_path / "d")  # deterministic
+    assert measure.gzip_bytes(tmp_path / "d") < 1000
+
+
+def test_params_and_macs_by_hand():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="valid", name="c")(inputs)           # 6x6x4, 3x3x3 kernel
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)           # 6x6x4
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(5, name="d")(x)
+    model = keras.Model(inputs, outputs)
+    macs = measure.layer_macs(model).set_index("layer")["macs"]
+    assert macs["c"] == 6 * 6 * 4 * 3 * 3 * 3
+    assert macs["dw"] == 6 * 6 * 4 * 3 * 3
+    assert macs["d"] == 144 * 5
+    assert measure.count_macs(model) == macs.sum()
+    counts = measure.count_params(model)
+    assert counts["params"] == model.count_params()
+    for layer in ("c", "dw", "d"):  # biases start at zero; make them count
+        model.get_layer(layer).bias.assign(np.ones(model.get_layer(layer).bias.shape))
+    assert measure.count_params(model)["nonzero_params"] == model.count_params()
+    model.get_layer("d").kernel.assign(np.zeros((144, 5)))
+    assert measure.count_params(model)["nonzero_params"] == model.count_params() - 144 * 5
+
+
+def test_memory_probes(tflite_path):
+    grow = measure.peak_rss_during(lambda: np.ones(50_000_000, np.uint8).sum())
+    assert grow["rss_growth_bytes"] > 20_000_000
+    arena = measure.litert_arena_bytes(tflite_path)
+    assert 0 < arena["planned_peak_bytes"] <= arena["all_activations_bytes"]
+    # the first conv of the tiny model outputs 28x28x4 float32: it must fit in the arena
+    assert arena["planned_peak_bytes"] >= 28 * 28 * 4 * 4
+    process = measure.litert_process_memory(tflite_path)
+    assert process["rss_after_inference_bytes"] >= process["rss_runtime_bytes"] > 0
+
+
+def test_machine_info_names_cpu_and_versions():
+    info = measure.machine_info()
+    assert info["cores"] >= 1 and info["tensorflow"].startswith("2.21")
+    line = measure.machine_string()
+    assert "cores" in line and "TF 2.21" in line and "LiteRT" in line

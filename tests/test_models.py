@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from labkit import measure, models
+
+
+def test_training_is_deterministic(tmp_path, tiny_config, splits):
+    first, _ = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path / "a", progress=False)
+    second, _ = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path / "b", progress=False)
+    for w1, w2 in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(w1, w2)
+
+
+def test_cache_is_reused_and_keyed_by_config(tmp_path, tiny_config, splits):
+    model, record = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path, progress=False)
+    path = models.model_path("baseline", tiny_config, tmp_path)
+    assert path.is_file() and json.loads(path.with_suffix(".json").read_text())["config"]["epochs"] == 1
+    again, record_again = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path, progress=False)
+    assert record_again["trained_at"] == record["trained_at"]  # loaded, not retrained
+    np.testing.assert_array_equal(model(splits.x_test[:8]).numpy(), again(splits.x_test[:8]).numpy())
+    other = models.BaselineConfig(conv_filters=(4, 8), dense_units=16, epochs=1, batch_size=64,
+                                  train_subset=512, seed=1)
+    assert other.key() != tiny_config.key()
+
+
+def test_baseline_architecture():
+    model = models.build_baseline()
+    names = [layer.name for layer in model.layers]
+    assert {"conv1", "bn1", "conv2", "bn2", "dense1", "logits"} <= set(names)
+    assert model.output_shape == (None, 10)
+    assert not model.get_layer("conv1").use_bias
+    with pytest.raises(ValueError, match="conv_filters"):
+        models.build_baseline(models.BaselineConfig(conv_filters=(8, 0)))
+
+
+def test_clone_with_weights_is_independent(tiny_model):
+    copy = models.clone_with_weights(tiny_model)
+    assert copy.layers[1] is not tiny_model.layers[1]
+    copy.get_layer("dense1").kernel.assign(np.zeros(copy.get_layer("dense1").kernel.shape))
+    assert np.count_nonzero(tiny_model.get_layer("dense1").kernel.numpy()) > 0
+
+
+def test_export_baseline_writes_three_formats(tmp_path, tiny_model, tiny_config, images):
+    paths = models.export_baseline(tiny_model, tiny_config, directory=tmp_path)
+    assert paths["keras"].is_file() and (paths["savedmodel"] / "saved_model.pb").is_file()
+    reference = tiny_model(images, training=False).numpy()
+    lite = measure.litert(paths["tflite"])(images)
+    np.testing.assert_allclose(lite, reference, atol=1e-4)
+    loaded = keras.models.load_model(paths["keras"])
+    np.testing.assert_allclose(loaded(images).numpy(), reference, atol=1e-6)

@@ -1,0 +1,67 @@
+import pandas as pd
+import pytest
+
+from labkit import ROOT, results
+
+
+def row(variant, accuracy=0.99, technique="baseline"):
+    return {"variant": variant, "technique": technique, "notebook": "01_baseline", "accuracy": accuracy,
+            "latency_p50_us": 100.0, "latency_p95_us": 150.0, "machine": "test machine"}
+
+
+def test_upsert_replaces_and_never_duplicates(tmp_path):
+    store = tmp_path / "measurements.csv"
+    results.upsert([row("a"), row("b")], store)
+    results.upsert(row("a", accuracy=0.5), store)
+    table = results.load(store)
+    assert list(table.columns) == results.COLUMNS
+    assert sorted(table["variant"]) == ["a", "b"]
+    assert table.set_index("variant").loc["a", "accuracy"] == 0.5
+    assert table["measured_at"].notna().all()
+
+
+def test_interrupted_write_keeps_the_old_store(tmp_path, monkeypatch):
+    store = tmp_path / "measurements.csv"
+    results.upsert([row("a"), row("b")], store)
+    before = store.read_bytes()
+
+    def crash(self, *args, **kwargs):
+        raise KeyboardInterrupt("interrupted in the middle of the write")
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
+    with pytest.raises(KeyboardInterrupt):
+        results.upsert(row("c"), store)
+    assert store.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".csv"] == ["measurements.csv"]  # no temp left
+
+
+def test_bad_rows_are_rejected(tmp_path):
+    store = tmp_path / "measurements.csv"
+    with pytest.raises(ValueError, match="technique"):
+        results.upsert(row("a", technique="magic"), store)
+    with pytest.raises(ValueError, match="accuracy"):
+        results.upsert(row("a", accuracy=99.1), store)
+    with pytest.raises(ValueError, match="unknown result columns"):
+        results.upsert({**row("a"), "speed": 3}, store)
+    with pytest.raises(ValueError, match="variant"):
+        results.upsert(row(""), store)
+    assert not store.exists()
+
+
+def test_a_foreign_csv_is_not_mistaken_for_the_store(tmp_path):
+    other = tmp_path / "measurements.csv"
+    other.write_text("x,y\n1,2\n")
+    with pytest.raises(ValueError, match="not a labkit results store"):
+        results.load(other)
+
+
+def test_make_row_reads_sizes_and_relative_artifact(tmp_path, monkeypatch):
+    artifact = tmp_path / "m.tflite"
+    artifact.write_bytes(bytes(1000))
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    made = results.make_row("v", "quantization", "04_quantization", accuracy=0.9, artifact=artifact,
+                            machine="m")
+    assert made["size_bytes"] == 1000 and made["gzip_bytes"] < 1000
+    store = tmp_path / "s.csv"
+    results.upsert(made, store)
+    assert results.load(store).loc[0, "artifact"] == "m.tflite"
+    assert results.relative_artifact(ROOT / "artifacts" / "x.tflite") in ("artifacts/x.tflite", str(ROOT / "artifacts/x.tflite"))
