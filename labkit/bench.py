@@ -25,7 +25,7 @@ def runner_for(artifact: Path, name: str, threads: int):
     if artifact.suffix in (".keras", ".h5"):
         import tf_keras as keras
         return measure.tf_function(keras.models.load_model(artifact), name=name)
-    raise ValueError(f"no runner for artifact {artifact}")
+    return None  # a format bench does not run (e.g. .onnx): reported as skipped
 
 
 def benchmark(table, *, repeats: int = 200, warmup: int = 20, threads: int = 1, x=None, y=None):
@@ -42,7 +42,11 @@ def benchmark(table, *, repeats: int = 200, warmup: int = 20, threads: int = 1, 
         if not path.exists():
             missing.append(row["artifact"])
             continue
-        runners.append(runner_for(path, row["variant"], threads))
+        runner = runner_for(path, row["variant"], threads)
+        if runner is None:
+            missing.append(f"{row['artifact']} (no runner for this format)")
+            continue
+        runners.append(runner)
         kept.append(row)
     if not runners:
         raise SystemExit("Nothing to benchmark: run the notebooks first (they record their artifacts).")
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(out.round(2).to_string())
     for artifact in missing:
-        print(f"skipped (artifact missing, re-run its notebook): {artifact}", file=sys.stderr)
+        print(f"skipped: {artifact} (a missing file means: re-run its notebook)", file=sys.stderr)
     return 0
 
 

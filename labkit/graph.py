@@ -1,0 +1,678 @@
+"""Graph optimization and faster runtimes (notebook 05): `python -m labkit.graph` prints the figures.
+
+What happens between a Keras model and fast machine code, one step at a time:
+
+1. freeze: the variables of a traced function become constants (op counts before and after);
+2. Grappler: TensorFlow's graph optimizer folds constants and fuses op patterns;
+3. batch-norm folding by hand, checked against the unfolded model and against the TFLite converter;
+4. XLA: compile cost on the first call at each new shape, then the steady state;
+5. the same model on every runtime at hand (TF, SavedModel, LiteRT, ONNX Runtime, TF-TRT);
+6. the compute floor: the model's MACs against a peak MAC rate measured with a large convolution.
+
+Functions return models, graphs and numbers; the notebook draws.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import labkit
+import numpy as np
+import pandas as pd
+
+with labkit.quiet_stderr():  # `python -m labkit.graph` imports TensorFlow here, before labkit.setup
+    import tensorflow as tf
+import tf_keras as keras
+
+from labkit import ARTIFACTS_DIR, measure
+
+GRAPH_DIR = ARTIFACTS_DIR / "graph"
+LARGE_BATCH = 256            # "a large batch" everywhere in notebook 05
+CPU_DEVICE = "/device:CPU:0"
+
+
+# ----------------------------------------------------------------------------- 1. freezing
+
+def concrete_function(model: keras.Model):
+    """The model's inference graph (training=False) for any batch size, as a ConcreteFunction."""
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
+    return tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+
+
+def freeze(model: keras.Model):
+    """(the traced graph, the frozen function): every variable read becomes a Const node."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    function = concrete_function(model)
+    return function.graph.as_graph_def(), convert_variables_to_constants_v2(function)
+
+
+def op_counts(graph_def) -> collections.Counter:
+    """How many nodes of each op type a GraphDef holds, nested function bodies included."""
+    counts = collections.Counter(node.op for node in graph_def.node)
+    for function in graph_def.library.function:
+        counts.update(node.op for node in function.node_def)
+    return counts
+
+
+BOOKKEEPING_OPS = frozenset({"Const", "Placeholder", "Identity", "NoOp"})
+
+
+def compute_op_count(graph_def) -> int:
+    """Nodes that do work when the graph runs: every op except Const, Placeholder, Identity and NoOp."""
+    return sum(n for op, n in op_counts(graph_def).items() if op not in BOOKKEEPING_OPS)
+
+
+def op_table(**graphs) -> pd.DataFrame:
+    """Op counts of several GraphDefs side by side (keyword = column name), with a total row."""
+    counts = {name: op_counts(g) for name, g in graphs.items()}
+    ops = sorted(set().union(*counts.values()))
+    table = pd.DataFrame({name: [c.get(op, 0) for op in ops] for name, c in counts.items()}, index=ops)
+    table.index.name = "op"
+    table.loc["total"] = table.sum()
+    return table
+
+
+def disappeared(before, after) -> dict:
+    """Op types (with counts) present in `before` and absent from `after`, and those that are new."""
+    b, a = op_counts(before), op_counts(after)
+    return {"gone": {op: n for op, n in b.items() if op not in a},
+            "new": {op: n for op, n in a.items() if op not in b}}
+
+
+# ----------------------------------------------------------------------------- 2. Grappler
+
+GRAPPLER_PASSES = {
+    "pruning": "removes nodes that no output depends on",
+    "constfold": "evaluates every subgraph whose inputs are all constants, once, offline",
+    "arithmetic": "rewrites arithmetic into cheaper equivalents (x*1, double negation, repeated adds)",
+    "dependency": "removes Identity and NoOp nodes that only pass a value or a control edge along",
+    "layout": "picks NCHW or NHWC per device",
+    "remap": "fuses op patterns into one kernel (Conv2D+BatchNorm+Relu -> _FusedConv2D)",
+}
+
+
+def grappler(frozen, passes=("constfold", "arithmetic", "dependency", "remap"),
+             device: str | None = CPU_DEVICE):
+    """Run a frozen function's graph through Grappler's passes and return the optimized GraphDef.
+
+    `device` places every node first, as TensorFlow does before it optimizes a graph at run time:
+    the remapper fuses only nodes it knows are on a CPU (or GPU), so device=None shows the trap.
+    This calls tf_optimizer.OptimizeGraph, the internal entry point the TFLite converter uses too.
+    """
+    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, rewriter_config_pb2
+    from tensorflow.python.grappler import tf_optimizer
+    unknown = [p for p in passes if p not in GRAPPLER_PASSES]
+    if unknown or not passes:
+        raise ValueError(f"unknown Grappler passes {unknown or '(none given)'}; "
+                         f"choose from {sorted(GRAPPLER_PASSES)}")
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.CopyFrom(frozen.graph.as_graph_def())
+    if device:
+        for node in graph_def.node:
+            node.device = device
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    meta_graph = tf.compat.v1.train.export_meta_graph(graph_def=graph_def, graph=graph)
+    fetch = meta_graph_pb2.CollectionDef()  # Grappler keeps the nodes listed as "train_op" alive
+    fetch.node_list.value.extend(t.name for t in frozen.outputs)
+    meta_graph.collection_def["train_op"].CopyFrom(fetch)
+    config = config_pb2.ConfigProto()
+    rewrite = config.graph_options.rewrite_options
+    rewrite.optimizers.extend(passes)
+    rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE
+    return tf_optimizer.OptimizeGraph(config, meta_graph)
+
+
+def graph_runner(graph_def, inputs, outputs, name: str) -> measure.Runner:
+    """A GraphDef (frozen or optimized) as a runner; `inputs`/`outputs` are tensor names like 'image:0'."""
+    input_name = inputs[0] if isinstance(inputs[0], str) else inputs[0].name
+    output_name = outputs[0] if isinstance(outputs[0], str) else outputs[0].name
+    wrapped = tf.compat.v1.wrap_function(lambda: tf.graph_util.import_graph_def(graph_def, name=""), [])
+    inputs_tensor = wrapped.graph.get_tensor_by_name(input_name)
+    pruned = wrapped.prune(inputs_tensor, wrapped.graph.get_tensor_by_name(output_name))
+    # Called bare, a pruned function takes a slower Python call path; inside a tf.function it is one
+    # function call, like every other TensorFlow runner in notebook 05.
+    function = tf.function(pruned, input_signature=[tf.TensorSpec(inputs_tensor.shape, inputs_tensor.dtype)])
+    runner = measure.Runner(name, lambda x: function(x).numpy(),
+                            "the imported GraphDef inside a tf.function, called from Python, plus .numpy()")
+    runner.function = function
+    return runner
+
+
+# ----------------------------------------------------------------------------- 3. batch-norm folding
+
+def fold_conv_bn(kernel, bias, gamma, beta, mean, variance, epsilon):
+    """One convolution that computes batchnorm(conv(x)) in inference mode: (kernel, bias).
+
+    bn(z) = gamma * (z - mean) / sqrt(variance + epsilon) + beta is affine per output channel and
+    z = conv(x, kernel) + bias is linear in the kernel, so with s = gamma / sqrt(variance + epsilon):
+    bn(conv(x)) = conv(x, kernel * s) + (bias - mean) * s + beta. The kernel's last axis is the
+    output channel (Keras HWIO layout), so `* s` scales each output channel's filter.
+    """
+    scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(variance, np.float64) + epsilon)
+    new_kernel = np.asarray(kernel, np.float64) * scale
+    new_bias = (np.asarray(bias, np.float64) - mean) * scale + beta
+    return new_kernel.astype(np.float32), new_bias.astype(np.float32)
+
+
+def _bn_parameters(bn) -> tuple:
+    """gamma, beta, moving mean, moving variance of a BatchNormalization layer (ones/zeros if absent)."""
+    channels = bn.moving_mean.shape[0]
+    gamma = bn.gamma.numpy() if bn.scale else np.ones(channels, np.float32)
+    beta = bn.beta.numpy() if bn.center else np.zeros(channels, np.float32)
+    return gamma, beta, bn.moving_mean.numpy(), bn.moving_variance.numpy()
+
+
+def _check_chain(model: keras.Model) -> list:
+    """The model's layers, provided each takes the previous one's single output (no branches)."""
+    if isinstance(model, keras.Sequential):
+        return list(model.layers)
+    layers = model.get_config()["layers"]
+    for previous, layer in zip(layers, layers[1:]):
+        inbound = layer["inbound_nodes"]
+        sources = [t[0] for node in inbound for t in node]
+        if sources != [previous["name"]]:
+            raise ValueError(f"fold_batchnorm handles a plain chain of layers; layer {layer['name']!r} "
+                             f"takes {sources or 'nothing'}, not just {previous['name']!r}")
+    return [model.get_layer(layer["name"]) for layer in layers[1:]]
+
+
+def foldable(layer, following) -> bool:
+    """True for a Conv2D without activation followed by a BatchNormalization over its channel axis."""
+    return (type(layer) is keras.layers.Conv2D and isinstance(following, keras.layers.BatchNormalization)
+            and layer.activation is keras.activations.linear and layer.data_format == "channels_last"
+            and list(following.axis) in ([3], [-1]))
+
+
+def fold_batchnorm(model: keras.Model, name: str | None = None) -> keras.Model:
+    """A copy of a chain model with each Conv2D -> BatchNormalization pair merged into one Conv2D with a bias.
+
+    Other layers are copied with their weights. Raises ValueError for a model with branches.
+    """
+    layers = _check_chain(model)
+    inputs = keras.Input(shape=model.input_shape[1:], name=model.input_names[0])
+    x, i, pending = inputs, 0, []
+    while i < len(layers):
+        layer = layers[i]
+        following = layers[i + 1] if i + 1 < len(layers) else None
+        if foldable(layer, following):
+            kernel = layer.kernel.numpy()
+            bias = layer.bias.numpy() if layer.use_bias else np.zeros(kernel.shape[-1], np.float32)
+            weights = fold_conv_bn(kernel, bias, *_bn_parameters(following), following.epsilon)
+            new = keras.layers.Conv2D.from_config({**layer.get_config(), "use_bias": True})
+            i += 2
+        else:
+            weights = layer.get_weights()
+            new = layer.__class__.from_config(layer.get_config())
+            i += 1
+        x = new(x)
+        pending.append((new, weights))
+    folded = keras.Model(inputs, x, name=name or f"{model.name}_bn_folded")
+    for new, weights in pending:
+        new.set_weights(weights)
+    return folded
+
+
+def max_abs_diff(model_a, model_b, x, batch_size: int = 500) -> float:
+    """Largest absolute difference between two models' outputs over x (inference mode)."""
+    worst = 0.0
+    for start in range(0, len(x), batch_size):
+        batch = tf.constant(x[start:start + batch_size])
+        a = model_a(batch, training=False).numpy()
+        b = model_b(batch, training=False).numpy()
+        worst = max(worst, float(np.max(np.abs(a - b))))
+    return worst
+
+
+def export(model: keras.Model, stem: str, directory: Path = GRAPH_DIR) -> dict:
+    """The model as .keras and float32 .tflite files under artifacts/graph/ (rewritten each call)."""
+    from labkit import models
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"keras": directory / f"{stem}.keras", "tflite": directory / f"{stem}_float32.tflite"}
+    model.save(paths["keras"])
+    with labkit.quiet_stderr():
+        models.save_tflite(model, paths["tflite"])
+    return paths
+
+
+# ----------------------------------------------------------------------------- reading .tflite files
+
+def check_tflite(path) -> Path:
+    """The path, if it is a .tflite flatbuffer; FileNotFoundError or ValueError saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No .tflite file at {path}. Convert one first (labkit.models.save_tflite).")
+    if not path.is_file():
+        raise ValueError(f"{path} is a directory, but a .tflite model is one file "
+                         "(a directory with saved_model.pb is a SavedModel: use check_saved_model).")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[4:8] != b"TFL3":
+        raise ValueError(f"{path} is not a TFLite model: a .tflite flatbuffer carries the identifier "
+                         f"b'TFL3' at bytes 4-8, this file has {head[4:8]!r}.")
+    return path
+
+
+def check_saved_model(path) -> Path:
+    """The path, if it is a SavedModel directory; FileNotFoundError or ValueError saying what is wrong."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No SavedModel at {path}. Export one with tf.saved_model.save(model, path).")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, but a SavedModel is a directory holding saved_model.pb "
+                         "and variables/ (a single .tflite file: use check_tflite).")
+    pb = path / "saved_model.pb"
+    if not pb.is_file():
+        raise ValueError(f"{path} holds no saved_model.pb, so it is not a SavedModel directory.")
+    try:
+        parsed = saved_model_pb2.SavedModel.FromString(pb.read_bytes())
+    except DecodeError as error:
+        raise ValueError(f"{pb} is not a SavedModel protocol buffer ({error}).") from None
+    if not parsed.meta_graphs:
+        raise ValueError(f"{pb} holds no meta graph, so it is not a usable SavedModel.")
+    return path
+
+
+def _read_tflite(path):
+    from ai_edge_litert import schema_py_generated as schema
+    return schema.ModelT.InitFromPackedBuf(bytearray(check_tflite(path).read_bytes()), 0)
+
+
+def _enum_names(enum_class) -> dict:
+    return {v: k for k, v in vars(enum_class).items() if not k.startswith("_")}
+
+
+def tflite_ops(path) -> pd.DataFrame:
+    """Every operator of a .tflite file in execution order: op, fused activation, output shape."""
+    from ai_edge_litert import schema_py_generated as schema
+    model = _read_tflite(path)
+    op_names = _enum_names(schema.BuiltinOperator)
+    activations = _enum_names(schema.ActivationFunctionType)
+    graph = model.subgraphs[0]
+    rows = []
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        # Codes above 127 live in builtinCode; older files keep the rest in deprecatedBuiltinCode.
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        fused = getattr(op.builtinOptions, "fusedActivationFunction", None)
+        output = graph.tensors[op.outputs[0]]
+        rows.append({"op": op_names.get(builtin, f"custom/{builtin}"),
+                     "fused_activation": activations[fused] if fused is not None else "",
+                     "output_shape": tuple(int(d) for d in output.shape)})
+    return pd.DataFrame(rows)
+
+
+def tflite_conv_weights(path) -> list:
+    """(kernel in Keras HWIO layout, bias) of every float32 CONV_2D in a .tflite file, in order."""
+    from ai_edge_litert import schema_py_generated as schema
+    model = _read_tflite(path)
+    graph = model.subgraphs[0]
+
+    def constant(index):
+        tensor = graph.tensors[index]
+        data = model.buffers[tensor.buffer].data
+        if data is None or tensor.type != schema.TensorType.FLOAT32:
+            raise ValueError(f"tensor {tensor.name!r} of {path} is not a stored float32 constant")
+        return np.asarray(data, np.uint8).view(np.float32).reshape(tensor.shape)
+
+    out = []
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.CONV_2D:
+            kernel_ohwi = constant(op.inputs[1])
+            out.append((kernel_ohwi.transpose(1, 2, 3, 0), constant(op.inputs[2])))
+    return out
+
+
+# ----------------------------------------------------------------------------- 4. XLA
+
+def time_call_ms(fn, x) -> float:
+    """Wall time of one call of fn(x), in milliseconds."""
+    start = time.perf_counter()
+    fn(x)
+    return (time.perf_counter() - start) * 1e3
+
+
+def xla_compile_costs(model: keras.Model, images: np.ndarray, batch_sizes=(1, LARGE_BATCH),
+                      steady_calls: int = 10) -> pd.DataFrame:
+    """First call against steady state, for tf.function without and with jit_compile, batch by batch.
+
+    The first call at a batch size pays for tracing (first size only, thanks to the None batch
+    dimension) and, with XLA, for compiling: XLA compiles once per distinct input shape.
+    """
+    if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > len(images):
+        raise ValueError(f"batch sizes must be between 1 and len(images)={len(images)}, got {batch_sizes}")
+    if steady_calls < 1:
+        raise ValueError(f"steady_calls must be >= 1, got {steady_calls}")
+    runners = [measure.tf_function(model, "tf.function"),
+               measure.tf_function(model, "tf.function + XLA", jit_compile=True)]
+    rows = []
+    for batch_size in batch_sizes:
+        x = np.ascontiguousarray(images[:batch_size])
+        for runner in runners:
+            first = time_call_ms(runner, x)
+            steady = float(np.median([time_call_ms(runner, x) for _ in range(steady_calls)]))
+            rows.append({"runner": runner.name, "batch_size": batch_size, "first_call_ms": first,
+                         "steady_ms": steady, "first_minus_steady_ms": first - steady})
+    return pd.DataFrame(rows)
+
+
+def bucketed(runner: measure.Runner, buckets, name: str | None = None) -> measure.Runner:
+    """The runner with every batch zero-padded up to the next bucket size (and the padding cut off).
+
+    XLA compiles once per input shape; with a few fixed buckets it compiles a few times, not once
+    per batch size a server happens to see.
+    """
+    buckets = sorted(int(b) for b in buckets)
+    if not buckets or buckets[0] < 1:
+        raise ValueError(f"buckets must be positive batch sizes, got {buckets}")
+
+    def run(x):
+        n = len(x)
+        size = next((b for b in buckets if b >= n), None)
+        if size is None:
+            raise ValueError(f"a batch of {n} is larger than the largest bucket, {buckets[-1]}")
+        if size > n:
+            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+        return runner(x)[:n]
+    return measure.Runner(name or f"{runner.name}, padded to {buckets}", run,
+                          f"{runner.timed}; zero-padded up to the next of {buckets}", runner.threads)
+
+
+# ----------------------------------------------------------------------------- 5. runtimes
+
+def onnx_status() -> tuple:
+    """(True, versions) where tf2onnx and onnxruntime import, else (False, why)."""
+    try:
+        import onnxruntime
+        import tf2onnx
+    except Exception as error:  # ImportError, or a broken install that fails while importing
+        return False, (f"tf2onnx/onnxruntime unavailable ({type(error).__name__}: {error}); "
+                       "`pip install tf2onnx onnxruntime` adds them")
+    return True, f"tf2onnx {tf2onnx.__version__}, onnxruntime {onnxruntime.__version__}"
+
+
+def export_onnx(model: keras.Model, path, opset: int = 17) -> Path:
+    """The model converted by tf2onnx (any batch size) and written to path."""
+    import logging
+    import tf2onnx
+    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+    spec = (tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image"),)
+    with labkit.quiet_stderr():
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def onnx_ops(path) -> list:
+    """The op types of an .onnx file's graph, in order (tf2onnx folds batch norm too)."""
+    import onnx
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def onnx_runner(path, num_threads: int = 1, name: str | None = None) -> measure.Runner:
+    """An .onnx file in ONNX Runtime's CPU provider with `num_threads` intra-op threads."""
+    import onnxruntime as ort
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No .onnx file at {path}. Convert one first (export_onnx).")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = num_threads, 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise ValueError(f"{path} is not a model ONNX Runtime can load: {error}") from None
+    input_name = session.get_inputs()[0].name
+    runner = measure.Runner(name or f"ONNX Runtime {num_threads} thread(s)",
+                            lambda x: session.run(None, {input_name: x})[0],
+                            "InferenceSession.run with a NumPy feed, outputs as NumPy", threads=num_threads)
+    runner.session = session
+    return runner
+
+
+def tensorrt_status() -> tuple:
+    """(True, version) where TF-TRT can run: an NVIDIA GPU and a TensorFlow built with TensorRT; else (False, why)."""
+    if not tf.config.list_physical_devices("GPU"):
+        return False, "no NVIDIA GPU is visible to TensorFlow"
+    try:
+        from tensorflow.compiler.tf2tensorrt import _pywrap_py_utils as trt_utils
+    except ImportError as error:
+        return False, f"this TensorFlow has no TF-TRT module ({error})"
+    if not trt_utils.is_tensorrt_enabled():
+        return False, ("this TensorFlow build has TensorRT support compiled out (the pip wheels do; "
+                       "NVIDIA's TensorFlow containers keep it)")
+    loaded = trt_utils.get_loaded_tensorrt_version()
+    if not loaded or loaded[0] == 0:
+        return False, "the TensorRT libraries (libnvinfer) could not be loaded"
+    return True, "TensorRT " + ".".join(map(str, loaded))
+
+
+def tftrt_convert(saved_model_dir, output_dir, images: np.ndarray, precision: str = "FP16") -> Path:
+    """A SavedModel rewritten by TF-TRT (TensorRT engines built for images' batch size), saved to output_dir."""
+    if precision not in ("FP32", "FP16"):
+        raise ValueError(f"precision must be 'FP32' or 'FP16' (INT8 needs calibration), got {precision!r}")
+    ok, why = tensorrt_status()
+    if not ok:
+        raise RuntimeError(f"TF-TRT cannot run here: {why}")
+    from tensorflow.python.compiler.tensorrt import trt_convert as trt
+    converter = trt.TrtGraphConverterV2(input_saved_model_dir=str(check_saved_model(saved_model_dir)),
+                                        precision_mode=precision)
+    converter.convert()
+
+    def input_fn():  # one batch of the shape to serve: TensorRT builds its engines now, not on the first call
+        yield (tf.constant(images, tf.float32),)
+    converter.build(input_fn=input_fn)
+    converter.save(str(output_dir))
+    return Path(output_dir)
+
+
+def saved_model_runner(path, name: str = "SavedModel") -> measure.Runner:
+    """measure.saved_model after a check that says clearly what is wrong with a bad path."""
+    return measure.saved_model(check_saved_model(path), name=name)
+
+
+def litert_runner(path, num_threads: int | None = 1, xnnpack: bool = True, name: str | None = None):
+    """measure.litert after a check that says clearly what is wrong with a bad path."""
+    return measure.litert(check_tflite(path), num_threads=num_threads, xnnpack=xnnpack, name=name)
+
+
+def runtime_runners(model: keras.Model, paths: dict, onnx_path=None) -> list:
+    """One runner per runtime for the same model: `paths` from models.export_baseline, `onnx_path` if any.
+
+    TensorFlow runtimes use every core (threads None); LiteRT and ONNX Runtime state their threads.
+    """
+    runners = [measure.keras_predict(model), measure.keras_call(model), measure.tf_function(model),
+               measure.tf_function(model, "tf.function + XLA", jit_compile=True)]
+    for runner in runners:
+        runner.artifact = str(paths["keras"])
+    runners.append(saved_model_runner(paths["savedmodel"]))
+    cores = measure.machine_info()["usable_cores"]
+    for threads in sorted({1, min(2, cores)}):
+        label = f"LiteRT XNNPACK {threads} thread{'s' if threads > 1 else ''}"
+        runners.append(litert_runner(paths["tflite"], threads, name=label))
+    runners.append(litert_runner(paths["tflite"], 1, xnnpack=False, name="LiteRT built-in kernels 1 thread"))
+    if onnx_path is not None:
+        runners.append(onnx_runner(onnx_path, 1, name="ONNX Runtime 1 thread"))
+    return runners
+
+
+def variant_name(runner_name: str, prefix: str = "runtime") -> str:
+    """'LiteRT XNNPACK 2 threads' -> 'runtime-litert-xnnpack-2-threads': a results-store variant name."""
+    return f"{prefix}-" + re.sub(r"[^a-z0-9]+", "-", runner_name.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------- 6. the compute floor
+
+@dataclass
+class Probe:
+    """A one-convolution .tflite model used to measure how many MACs per second LiteRT can reach."""
+    path: Path
+    precision: str
+    macs: int
+
+
+def conv_probe(size: int = 56, channels: int = 64, kernel: int = 3) -> keras.Model:
+    """One size x size x channels -> channels convolution at batch 1: many MACs, little else."""
+    if min(size, channels, kernel) < 1 or kernel > size:
+        raise ValueError(f"size, channels and kernel must be positive with kernel <= size, "
+                         f"got {size}, {channels}, {kernel}")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((size, size, channels), batch_size=1, name="probe_input")
+    outputs = keras.layers.Conv2D(channels, kernel, padding="same", use_bias=False, name="probe_conv")(inputs)
+    return keras.Model(inputs, outputs, name=f"conv_probe_{size}x{size}x{channels}_k{kernel}")
+
+
+def export_probes(size: int = 56, channels: int = 64, kernel: int = 3,
+                  directory: Path = GRAPH_DIR) -> list:
+    """The probe as float32 and full-int8 .tflite files (written once per shape): [Probe, Probe]."""
+    model = conv_probe(size, channels, kernel)
+    macs = measure.count_macs(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    probes = []
+    for precision in ("fp32", "int8"):
+        path = directory / f"{model.name}_{precision}.tflite"
+        if not path.is_file():
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            if precision == "int8":
+                rng = np.random.default_rng(0)
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = lambda: (
+                    [rng.random((1, size, size, channels), dtype=np.float32)] for _ in range(4))
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                converter.inference_input_type = converter.inference_output_type = tf.int8
+            tmp = path.with_name(path.stem + ".tmp.tflite")
+            with warnings.catch_warnings(), labkit.quiet_stderr():
+                warnings.simplefilter("ignore")
+                tmp.write_bytes(converter.convert())
+            tmp.replace(path)
+        probes.append(Probe(path, precision, macs))
+    return probes
+
+
+def _probe_runner(probe: Probe, threads: int) -> measure.Runner:
+    """Invoke the probe on a fixed random input; the image measure_latency hands over is ignored."""
+    from ai_edge_litert.interpreter import Interpreter
+    with labkit.quiet_stderr():
+        interpreter = Interpreter(model_path=str(check_tflite(probe.path)), num_threads=threads)
+        interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    rng = np.random.default_rng(0)
+    if detail["dtype"] == np.float32:
+        x = rng.random(detail["shape"], dtype=np.float32)
+    else:
+        x = rng.integers(-128, 128, detail["shape"]).astype(detail["dtype"])
+    interpreter.set_tensor(detail["index"], x)
+    runner = measure.Runner(f"probe {probe.precision} {threads} thread(s)", lambda _: interpreter.invoke(),
+                            "invoke only (input set once)", threads=threads)
+    runner.interpreter = interpreter
+    return runner
+
+
+def peak_mac_rate(probes, threads=(1, 2), repeats: int = 40, warmup: int = 3) -> pd.DataFrame:
+    """MACs per second each probe reaches on LiteRT with XNNPACK at each thread count, timed interleaved."""
+    if not threads or min(threads) < 1:
+        raise ValueError(f"threads must be positive counts, got {threads}")
+    pairs = [(probe, n) for probe in probes for n in threads]
+    runners = [_probe_runner(probe, n) for probe, n in pairs]
+    latency = measure.measure_latency(runners, np.zeros((1, 28, 28, 1), np.float32),
+                                      warmup=warmup, repeats=repeats)
+    rows = []
+    for (probe, n), runner in zip(pairs, runners):
+        p50 = latency.p50(runner.name)
+        rows.append({"precision": probe.precision, "threads": n, "macs": probe.macs,
+                     "latency_p50_us": p50, "gmacs_per_s": probe.macs / p50 / 1e3})
+    return pd.DataFrame(rows)
+
+
+def compute_floor(macs_per_image: int, latency, throughput: pd.Series, peak: pd.DataFrame,
+                  batch_size: int = LARGE_BATCH) -> pd.DataFrame:
+    """Per runtime: the MAC rate reached at batch 1 and at a large batch, as a fraction of the fp32 peak.
+
+    A runner is compared with the best fp32 rate measured at its thread count or fewer; threads=None
+    (TensorFlow, every core) counts as the most threads measured.
+    `overhead_us` = batch-1 p50 minus the per-image time at the large batch: the fixed cost of one
+    call (Python, argument conversion, dispatch, thread wake-up) that a large batch spreads thin.
+    """
+    fp32 = peak[peak["precision"] == "fp32"].set_index("threads")["gmacs_per_s"]
+    summary = latency.summary()
+    rows = []
+    for name, row in summary.iterrows():
+        threads = int(row["threads"]) if pd.notna(row["threads"]) else int(fp32.index.max())
+        # n threads can do at least what fewer threads did: on a busy machine 2 threads may measure slower
+        peak_gmacs = float(fp32[fp32.index <= threads].max())
+        ips = float(throughput[name])
+        gmacs_1 = macs_per_image / row["latency_p50_us"] / 1e3
+        gmacs_n = macs_per_image * ips / 1e9
+        rows.append({"runner": name, "latency_p50_us": row["latency_p50_us"],
+                     "latency_p95_us": row["latency_p95_us"], f"throughput_ips_b{batch_size}": ips,
+                     "peak_threads": threads, "peak_gmacs_per_s": peak_gmacs,
+                     "gmacs_batch1": gmacs_1, f"gmacs_b{batch_size}": gmacs_n,
+                     "fraction_of_peak_batch1": gmacs_1 / peak_gmacs,
+                     f"fraction_of_peak_b{batch_size}": gmacs_n / peak_gmacs,
+                     "overhead_us": row["latency_p50_us"] - 1e6 / ips})
+    return pd.DataFrame(rows).set_index("runner")
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+def benchmark(repeats: int = 200, batch_size: int = LARGE_BATCH, images: int = 2048) -> dict:
+    """Measure notebook 05's target figures in one run and print them (python -m labkit.graph)."""
+    from labkit import models
+    from labkit.data import load_mnist
+    splits = load_mnist()
+    model, _ = models.load_or_train_baseline()
+    paths = models.export_baseline(model)
+    folded = fold_batchnorm(model)
+    fold_diff = max_abs_diff(model, folded, splits.x_test)
+    print(f"machine: {measure.machine_string()}")
+    print(f"BN folding: max |logit difference| on the {len(splits.x_test)} test images = {fold_diff:.2e}")
+
+    fold_runners = [measure.keras_call(model), measure.keras_call(folded, "keras call, BN folded"),
+                    measure.tf_function(model), measure.tf_function(folded, "tf.function, BN folded")]
+    fold_latency = measure.measure_latency(fold_runners, splits.x_test[:100], warmup=10, repeats=repeats)
+    fold_summary = fold_latency.summary()[["latency_p50_us", "latency_p95_us"]]
+    print("\nbatch-1 latency with and without batch-norm folding (interleaved):")
+    print(fold_summary.round(1).to_string())
+
+    costs = xla_compile_costs(model, splits.x_test, batch_sizes=(1, batch_size))
+    print("\nfirst call against steady state, tf.function with and without XLA:")
+    print(costs.round(2).to_string(index=False))
+
+    ok, why = onnx_status()
+    onnx_path = export_onnx(model, GRAPH_DIR / f"baseline-{models.BaselineConfig().key()}.onnx") if ok else None
+    if not ok:
+        print(f"\nONNX Runtime skipped: {why}")
+    runners = runtime_runners(model, paths, onnx_path)
+    with labkit.quiet_stderr():  # model.predict's tf.data pipeline logs a harmless C++ line every few seconds
+        latency = measure.measure_latency(runners, splits.x_test[:100], warmup=10, repeats=repeats)
+        throughput = measure.measure_throughput(runners, splits.x_test[:images], batch_size=batch_size)
+    cores = measure.machine_info()["usable_cores"]
+    peak = peak_mac_rate(export_probes(), threads=sorted({1, min(2, cores), cores}))
+    floor = compute_floor(measure.count_macs(model), latency, throughput, peak, batch_size)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print("\npeak MAC rate of a large convolution on LiteRT XNNPACK:")
+        print(peak.round(1).to_string(index=False))
+        print(f"\nruntimes, batch-1 latency ({repeats} interleaved calls) and throughput at batch {batch_size}:")
+        print(floor.round(3).to_string())
+    ok, why = tensorrt_status()
+    print(f"\nTF-TRT: {'available, ' + why if ok else 'skipped: ' + why}")
+    return {"fold_max_abs_diff": fold_diff, "fold_latency": fold_summary, "xla": costs, "peak": peak,
+            "floor": floor}
+
+
+if __name__ == "__main__":
+    labkit.setup(seed=0)
+    benchmark()
