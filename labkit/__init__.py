@@ -78,7 +78,7 @@ def filter_native_stderr() -> None:
     _stderr_filter_on = True
 
 
-def _import_tensorflow_quietly():
+def import_tensorflow_quietly():
     """Import TensorFlow and start its CPU device without the start-up noise."""
     import sys
     if "tensorflow" in sys.modules:
@@ -90,11 +90,14 @@ def _import_tensorflow_quietly():
     return tf
 
 
+_import_tensorflow_quietly = import_tensorflow_quietly  # the name some modules used first
+
+
 def setup(seed: int = 0, quiet: bool = True) -> dict:
     """Set seeds, op determinism and quiet logs; return the versions in use (every notebook)."""
     if quiet:
         filter_native_stderr()
-    tf = _import_tensorflow_quietly() if quiet else __import__("tensorflow")
+    tf = import_tensorflow_quietly() if quiet else __import__("tensorflow")
     import tf_keras
     if not tf.keras.__name__.startswith("tf_keras"):
         raise RuntimeError(

@@ -33,7 +33,7 @@ def load(path: Path = RESULTS_PATH) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)}: it is not a labkit results "
                          "store. Move it aside; the notebooks will write a fresh one.")
-    return table[COLUMNS]
+    return table[COLUMNS].astype({"size_bytes": "Int64", "gzip_bytes": "Int64"})
 
 
 def relative_artifact(path) -> str:
