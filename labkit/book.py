@@ -45,10 +45,11 @@ def run_notebook(path: Path, out_dir: Path, timeout_s: int = 1800) -> dict:
 
 
 def markdown_table(frame) -> str:
+    import pandas as pd
     frame = frame.reset_index(drop=True)
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    body = ["| " + " | ".join("" if v != v else str(v) for v in row) + " |" for row in frame.values]
+    body = ["| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |" for row in frame.values]
     return "\n".join([header, rule, *body])
 
 
