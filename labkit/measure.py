@@ -209,7 +209,7 @@ class Latency:
                          "latency_p95_us": float(np.percentile(us, 95)),
                          "mean_us": float(np.mean(us)), "std_us": float(np.std(us)),
                          "min_us": float(np.min(us)), "max_us": float(np.max(us)),
-                         "threads": self.threads[name] or "TF default (all cores)"})
+                         "threads": self.threads[name]})  # None: TensorFlow's default, every core
         return pd.DataFrame(rows).set_index("runner")
 
     def p50(self, name: str) -> float:
