@@ -63,11 +63,16 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
     for column in ("latency_p50_us", "latency_p95_us", "throughput_ips"):
         shown[column] = shown[column].round(1)
     shown["accuracy"] = shown["accuracy"].round(4)
+    from labkit import pipeline
     figures = []
     if not table.empty:
         fig = plots.tradeoff(table)
         fig.savefig(out_dir / "tradeoff.png", dpi=110)
         figures.append("tradeoff.png")
+    pareto, targets, stages = pipeline.report_figures(table)
+    if pareto is not None:
+        pareto.savefig(out_dir / "pareto.png", dpi=110)
+        figures.append("pareto.png")
     status = pd.DataFrame(runs)
     status["seconds"] = status["seconds"].round(1)
     lines = ["# Lab book report", "",
@@ -75,6 +80,9 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
              "## Notebooks", "", markdown_table(status), "",
              "## Measurements (results/measurements.csv)", "", markdown_table(shown), ""]
+    if targets is not None:
+        lines += ["## The combined pipeline (notebook 07)", "", markdown_table(targets.round(4)), "",
+                  markdown_table(stages.reset_index().round(4)), ""]
     lines += [f"![{name}]({name})" for name in figures]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -82,6 +90,9 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
             "<h1>Lab book report</h1>", f"<p>Machine: {html.escape(measure.machine_string())}</p>",
             "<h2>Notebooks</h2>", status.to_html(index=False),
             "<h2>Measurements</h2>", shown.to_html(index=False)]
+    if targets is not None:
+        page += ["<h2>The combined pipeline (notebook 07)</h2>", targets.round(4).to_html(index=False),
+                 stages.round(4).to_html()]
     page += [f"<img src='{name}' alt='{name}'>" for name in figures]
     (out_dir / "report.html").write_text("\n".join(page + ["</body></html>"]))
     return report
