@@ -1,0 +1,47 @@
+"""The data-parallel scaling benchmark: `python -m labkit.distributed [--repeat 8 --rounds 3]`.
+
+Prints throughput of the same batch-inference job (the test set, repeated) on 1 and 2 local
+workers with one thread each, and checks the target: 2 workers reach >= 1.6x of 1 worker.
+"""
+import argparse
+import os
+import sys
+
+TARGET_SPEEDUP = 1.6
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=8, help="test-set copies per job (8: 80k images)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each configuration's best counts")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    import pandas as pd
+    from labkit import measure
+    from labkit.distributed import cluster
+    model = cluster.baseline_model_path()
+    load_before = os.getloadavg()
+    table, runs = cluster.scaling(model, repeat=args.repeat, rounds=args.rounds, batch_size=args.batch_size)
+    load_after = os.getloadavg()
+    print(f"machine: {measure.machine_string()}")
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+          f"on {os.cpu_count()} cores; cpu_share = CPU seconds the workers got / (seconds x workers)")
+    print(f"job: {table['images'].iloc[0]} images (test set x {args.repeat}), batch {args.batch_size}, "
+          f"1 TensorFlow thread per worker, {args.rounds} interleaved rounds")
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(pd.DataFrame(runs)[["round", "num_workers", "seconds", "throughput_ips", "cpu_share",
+                                  "images_per_cpu_second", "load_before"]].round(3).to_string(index=False))
+        print(table.round(3).to_string())
+    speedup = float(table.loc[2, "speedup"])
+    verdict = "met" if speedup >= TARGET_SPEEDUP else f"MISSED by {TARGET_SPEEDUP - speedup:.2f}x"
+    print(f"target: 2 workers >= {TARGET_SPEEDUP}x the throughput of 1 worker: measured {speedup:.2f}x "
+          f"(efficiency {speedup / 2:.0%}) -> {verdict}")
+    if table["cpu_share"].min() < 0.8:
+        print(f"warning: the workers got only {table['cpu_share'].min():.0%} of their cores (other programs were "
+              "running): the wall-clock speedup is not reliable; rerun on a quiet machine. Work per CPU second, "
+              f"2 workers vs 1: {table.loc[2, 'images_per_cpu_second'] / table.loc[1, 'images_per_cpu_second']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Start N inference workers on this machine, watch them, gather and check their predictions (notebook 06).
+
+The launcher gives each worker a free port on 127.0.0.1 and its own TF_CONFIG, then watches
+the JSON status lines the workers print. Every wait has a deadline: a port already taken, a
+worker that dies, or a worker that never joins raises `ClusterError` with what went wrong,
+and every process it started is stopped before the error leaves this module.
+
+Only 127.0.0.1 is ever used here. On a real cluster you start the same worker on each machine
+yourself (see `tf_configs` and notebook 06); nothing in this module talks to another host.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from labkit import ARTIFACTS_DIR, ROOT
+
+LOCALHOST = "127.0.0.1"
+OUT_DIR = ARTIFACTS_DIR / "distributed"
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not run the job; the message says which worker and why.
+
+    `pids` lists the worker processes the launcher had started (all stopped by then).
+    """
+    pids: list = []
+
+
+# ----------------------------------------------------------------------------- ports and TF_CONFIG
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports on 127.0.0.1 that were free a moment ago (the OS picks them)."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    sockets = []
+    try:
+        for _ in range(count):  # hold every socket open until all are chosen, so none repeats
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOCALHOST, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def port_in_use(port: int, host: str = LOCALHOST) -> bool:
+    """True if something already holds `port` on 127.0.0.1 (we try to bind it ourselves)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def is_listening(port: int, host: str = LOCALHOST, timeout_s: float = 0.2) -> bool:
+    """True if a server accepts connections on 127.0.0.1:`port` (used to name a worker that never joined)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout_s)
+        return s.connect_ex((host, port)) == 0
+
+
+def tf_configs(addresses: list[str]) -> list[dict]:
+    """One TF_CONFIG per worker for a cluster of `addresses` ('host:port'); worker 0 is the chief.
+
+    Every worker gets the same cluster list and differs only in its task index, which is
+    what changes between a laptop (127.0.0.1:port each) and a cluster (one host each).
+    """
+    if not addresses:
+        raise ValueError("addresses must list at least one 'host:port'")
+    bad = [a for a in addresses if ":" not in a or not a.rsplit(":", 1)[1].isdigit()]
+    if bad:
+        raise ValueError(f"addresses must be 'host:port' with a numeric port, got {bad}")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError(f"addresses must be distinct, got {addresses}")
+    return [{"cluster": {"worker": list(addresses)}, "task": {"type": "worker", "index": i}}
+            for i in range(len(addresses))]
+
+
+def shell_commands(addresses: list[str], model: str, extra: str = "") -> list[str]:
+    """The command to type on each machine of a cluster (notebook 06 prints these)."""
+    commands = []
+    for config in tf_configs(addresses):
+        commands.append(f"TF_CONFIG='{json.dumps(config)}' python -m labkit.distributed.worker "
+                        f"--model {model}{' ' + extra if extra else ''}")
+    return commands
+
+
+# ----------------------------------------------------------------------------- launching
+
+@dataclass
+class _Worker:
+    index: int
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    events: list = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{LOCALHOST}:{self.port}"
+
+    def seen(self, event: str) -> dict | None:
+        return next((e for e in list(self.events) if e.get("event") == event), None)
+
+    def log_tail(self, lines: int = 6) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        kept = [line for line in text if not line.startswith(("WARNING: All log", "I0000", "W0000"))]
+        return "\n".join(kept[-lines:])
+
+
+def _read_events(worker: _Worker) -> None:
+    for line in worker.process.stdout:
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                worker.events.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+
+
+def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
+    """Stop every worker still running: SIGTERM to its process group, then SIGKILL after a grace period.
+
+    The SIGKILL is needed: once a worker has joined a cluster, TensorFlow's coordination service
+    catches SIGTERM (it takes it for a preemption notice) and the process carries on.
+    """
+    for w in workers:
+        if w.process.poll() is None:
+            try:
+                os.killpg(w.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        try:
+            w.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(w.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            w.process.wait()
+        if w.process.stdout:
+            w.process.stdout.close()
+
+
+def _describe_exit(w: _Worker) -> str:
+    error = w.seen("error")
+    why = error["message"] if error else (w.log_tail() or "no output")
+    return f"worker {w.index} ({w.address}) exited with code {w.process.returncode} before finishing: {why}"
+
+
+def run_local(num_workers: int, model, *, out=None, ports: list[int] | None = None, repeat: int = 1,
+              limit: int = 0, split: str = "test", batch_size: int = 256, threads: int = 1,
+              lockstep: bool = False, connect_timeout_s: float = 90.0, run_timeout_s: float = 300.0,
+              faults: dict | None = None, poll_s: float = 0.1) -> dict:
+    """Run the data-parallel job on `num_workers` local workers; return their reports and timings.
+
+    Raises ClusterError (after stopping every worker) if a port is taken, a worker exits with
+    an error, the cluster has not formed within `connect_timeout_s` of the launch, or the job
+    has not finished within `run_timeout_s`. `faults` maps a worker index to a fault to inject
+    ('exit-early' or 'never-connect'), to see those errors on purpose.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if connect_timeout_s <= 0 or run_timeout_s <= 0:
+        raise ValueError("connect_timeout_s and run_timeout_s must be > 0 (a wait without a deadline can hang)")
+    faults = dict(faults or {})
+    if any(i not in range(num_workers) or f not in ("exit-early", "never-connect") for i, f in faults.items()):
+        raise ValueError(f"faults maps worker indices in [0, {num_workers - 1}] to 'exit-early' or "
+                         f"'never-connect', got {faults}")
+    model = Path(model)
+    if not model.is_file():
+        raise FileNotFoundError(f"No model at {model}; save one with model.save(path) (a .keras file)")
+    if ports is None:
+        ports = free_ports(num_workers)
+    if len(ports) != num_workers or len(set(ports)) != num_workers:
+        raise ValueError(f"need {num_workers} distinct ports, got {ports}")
+    taken = [p for p in ports if port_in_use(p)]
+    if taken:
+        raise ClusterError(f"port(s) {taken} on {LOCALHOST} already in use (another program, or a worker "
+                           "left over from an earlier run). Choose other ports, or pass ports=None to let "
+                           "the launcher pick free ones.")
+
+    out = Path(out) if out is not None else OUT_DIR / f"run-{num_workers}w"
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("predictions-worker*.npz"), *out.glob("worker*.json")]:
+        stale.unlink()  # a file from an earlier run must never pass for this run's output
+    addresses = [f"{LOCALHOST}:{p}" for p in ports]
+    configs = tf_configs(addresses)
+    args = ["--model", str(model), "--out", str(out), "--split", split, "--limit", str(limit),
+            "--repeat", str(repeat), "--batch-size", str(batch_size), "--threads", str(threads),
+            "--connect-timeout-s", str(connect_timeout_s)] + (["--lockstep"] if lockstep else [])
+
+    workers: list[_Worker] = []
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    try:
+        for i, config in enumerate(configs):
+            env = dict(os.environ, TF_CONFIG=json.dumps(config), PYTHONUNBUFFERED="1")
+            log_path = out / f"worker{i}.log"
+            with open(log_path, "w") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "labkit.distributed.worker", *args, "--fault", faults.get(i, "none")],
+                    stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=str(ROOT),
+                    start_new_session=True)  # its own process group, so _stop reaches its children too
+            worker = _Worker(i, ports[i], process, log_path)
+            workers.append(worker)
+            threading.Thread(target=_read_events, args=(worker,), daemon=True).start()
+
+        while True:
+            time.sleep(poll_s)
+            elapsed = time.monotonic() - started
+            for w in workers:
+                code = w.process.poll()
+                if code is not None and code != 0:
+                    raise ClusterError(_describe_exit(w))
+            if all(w.process.poll() == 0 for w in workers):
+                break
+            connected = [w for w in workers if w.seen("connected")]
+            if len(connected) < num_workers and elapsed > connect_timeout_s:
+                silent = [f"worker {w.index} ({w.address})" for w in workers if not is_listening(w.port)]
+                raise ClusterError(
+                    f"the cluster did not form within {connect_timeout_s:.0f} s: "
+                    f"{len(connected)} of {num_workers} workers joined. "
+                    + (f"Not listening: {', '.join(silent)}. " if silent else "")
+                    + "A worker that is up but never starts its server, a wrong address in TF_CONFIG or "
+                      "a firewall between machines all look like this.")
+            if elapsed > run_timeout_s:
+                unfinished = [w.index for w in workers if w.process.poll() is None]
+                raise ClusterError(f"the job did not finish within {run_timeout_s:.0f} s "
+                                   f"(workers still running: {unfinished}); raise run_timeout_s for a bigger job")
+        reports = []
+        for w in workers:
+            path = out / f"worker{w.index}.json"
+            if not path.is_file():
+                raise ClusterError(f"worker {w.index} exited cleanly but wrote no {path.name}")
+            reports.append(json.loads(path.read_text()))
+    except ClusterError as error:
+        error.pids = [w.process.pid for w in workers]
+        raise
+    finally:
+        _stop(workers)
+
+    seconds = max(r["seconds"] for r in reports)  # the job ends when its slowest worker ends
+    images = sum(r["images"] for r in reports)
+    cpu_seconds = sum(r["cpu_seconds"] for r in reports)
+    return {"num_workers": num_workers, "out": out, "reports": reports, "images": images,
+            "seconds": seconds, "throughput_ips": images / seconds,
+            "cpu_share": cpu_seconds / (seconds * num_workers), "images_per_cpu_second": images / cpu_seconds,
+            "wall_seconds": time.monotonic() - started, "load_before": load_before[0],
+            "addresses": addresses, "pids": [w.process.pid for w in workers]}
+
+
+# ----------------------------------------------------------------------------- gathering and checking
+
+def gather(out, num_workers: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every worker's predictions, checked and put back in image order: (indices, logits).
+
+    Raises ClusterError if any image was predicted twice or not at all.
+    """
+    out = Path(out)
+    parts = []
+    for i in range(num_workers):
+        path = out / f"predictions-worker{i}.npz"
+        if not path.is_file():
+            raise ClusterError(f"missing {path}: worker {i} did not write its predictions")
+        with np.load(path) as npz:
+            parts.append((npz["index"], npz["logits"]))
+    indices = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    logits = np.concatenate([p[1] for p in parts])
+    check_each_once(indices, total)
+    order = np.argsort(indices, kind="stable")
+    return indices[order], logits[order]
+
+
+def check_each_once(indices: np.ndarray, total: int) -> None:
+    """Raise ClusterError unless `indices` holds every integer in [0, total) exactly once."""
+    indices = np.asarray(indices)
+    outside = indices[(indices < 0) | (indices >= total)]
+    if outside.size:
+        raise ClusterError(f"{outside.size} predictions have indices outside [0, {total}), e.g. {outside[:5]}")
+    counts = np.bincount(indices, minlength=total)
+    missing, repeated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
+    if missing.size or repeated.size:
+        raise ClusterError(f"each image must be predicted exactly once: {missing.size} missing "
+                           f"(e.g. {missing[:5].tolist()}), {repeated.size} predicted more than once "
+                           f"(e.g. {repeated[:5].tolist()})")
+
+
+# ----------------------------------------------------------------------------- scaling
+
+def scaling(model, *, worker_counts=(1, 2), repeat: int = 5, rounds: int = 2, batch_size: int = 256,
+            progress: bool = True, **kwargs):
+    """Throughput of the same job on 1 and 2 workers (one thread each), rounds interleaved.
+
+    Each round runs every worker count once, in alternating order, so a burst of load from
+    another program is shared between them; a configuration's figure is its best round
+    (the least disturbed). `cpu_share` is the CPU time the workers got over their wall time
+    (1.0: each had a core to itself; lower: other programs took the cores, and the wall-clock
+    figures say more about them than about us). `images_per_cpu_second` is the work done per
+    CPU second, which load barely moves: its ratio between 2 and 1 workers is the cost of
+    distributing. Returns (table, runs).
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+    if rounds < 1 or repeat < 1:
+        raise ValueError(f"rounds and repeat must be >= 1, got {rounds} and {repeat}")
+    runs = []
+    plan = [(r, n) for r in range(rounds) for n in (worker_counts if r % 2 == 0 else worker_counts[::-1])]
+    for r, n in tqdm(plan, desc="data-parallel runs", disable=not progress):
+        run = run_local(n, model, repeat=repeat, batch_size=batch_size, **kwargs)
+        runs.append({"round": r, **run})
+    frame = pd.DataFrame([{k: run[k] for k in ("round", "num_workers", "images", "seconds", "throughput_ips",
+                                               "cpu_share", "images_per_cpu_second", "load_before")}
+                          for run in runs])
+    best = frame.loc[frame.groupby("num_workers")["throughput_ips"].idxmax()].set_index("num_workers")
+    table = pd.DataFrame({"images": best["images"], "best_round": best["round"], "best_seconds": best["seconds"],
+                          "throughput_ips": best["throughput_ips"],
+                          "median_throughput_ips": frame.groupby("num_workers")["throughput_ips"].median(),
+                          "cpu_share": best["cpu_share"],  # of the run that counts
+                          "images_per_cpu_second": frame.groupby("num_workers")["images_per_cpu_second"].median(),
+                          "load_before": best["load_before"]})
+    one = table.loc[worker_counts[0], "throughput_ips"]
+    table["speedup"] = table["throughput_ips"] / one
+    table["efficiency"] = table["speedup"] / (table.index / worker_counts[0])
+    return table, runs
+
+
+def baseline_model_path() -> Path:
+    """The cached baseline's .keras file (trained first if need be): what every worker loads."""
+    from labkit import models
+    models.load_or_train_baseline()
+    return models.model_path("baseline", models.BaselineConfig())

@@ -1,0 +1,295 @@
+"""Batch inference of the int8 .tflite with Ray Data: a pool of actors, each one LiteRT interpreter (notebook 06).
+
+tf.distribute runs TensorFlow graphs; a .tflite file runs in the LiteRT interpreter, which
+knows nothing of clusters. Ray Data fills that gap: `map_batches` streams batches of images
+to a pool of long-lived actors, and each actor loads the model once in `__init__` and then
+predicts every batch it is handed. The same function runs on a local Ray (the default, every
+Ray process bound to 127.0.0.1) and on a Ray cluster given its address.
+
+The job runs in a fresh process, `python -m labkit.distributed.ray_serving`, so that a Ray
+that fails to start or hangs is stopped by a timeout and takes every process it started with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from labkit import ARTIFACTS_DIR, ROOT
+
+OUT_DIR = ARTIFACTS_DIR / "distributed"
+CALIBRATION_IMAGES = 500  # validation images the converter sees to choose the int8 ranges
+
+
+class RayUnavailable(RuntimeError):
+    """Ray is not installed, or its runtime did not start; the message says which."""
+
+
+# ----------------------------------------------------------------------------- the int8 model
+
+def int8_tflite(path: Path | None = None, model=None) -> Path:
+    """The baseline (or `model`) as a full-integer int8 .tflite: int8 weights, activations, input, output.
+
+    Made here with the TFLite converter, calibrated on validation images, and cached at `path`,
+    so this notebook does not depend on the quantization notebook's files.
+    """
+    from labkit import models
+    config = models.BaselineConfig()
+    if path is None:
+        if model is not None:
+            raise ValueError("give a path when converting a model other than the baseline")
+        path = OUT_DIR / f"baseline-{config.key()}_int8.tflite"
+    path = Path(path)
+    if path.is_file():
+        return path
+    import tensorflow as tf
+    from labkit.data import load_mnist
+    if model is None:
+        model, _ = models.load_or_train_baseline(config)
+    calibration = np.asarray(load_mnist().x_val[:CALIBRATION_IMAGES])
+
+    def representative_data():
+        for i in range(len(calibration)):
+            yield [calibration[i:i + 1]]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_data
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return models.save_tflite(converter, path)
+
+
+# ----------------------------------------------------------------------------- one actor
+
+class LiteRTPredictor:
+    """A Ray Data actor: one LiteRT interpreter, loaded once, reused for every batch."""
+
+    def __init__(self, model_path: str, threads: int = 1):
+        from labkit.measure import LiteRTModel
+        self.model = LiteRTModel(model_path, num_threads=threads)
+        self.pid = os.getpid()
+
+    def __call__(self, batch: dict) -> dict:
+        return {"index": batch["index"], "logits": predict_pixels(self.model, batch["pixels"]),
+                "actor_pid": np.full(len(batch["index"]), self.pid)}
+
+
+def predict_pixels(model, pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (n, 28, 28) -> logits: the one conversion that both Ray and one process use."""
+    x = (pixels.astype(np.float32) / 255.0)[..., np.newaxis]
+    return model(x)
+
+
+def single_process(model_path, pixels: np.ndarray, batch_size: int = 1000, threads: int = 1) -> tuple:
+    """The reference: the same predictor in this process, batch by batch. Returns (logits, seconds)."""
+    from labkit.measure import LiteRTModel
+    model = LiteRTModel(model_path, num_threads=threads)
+    predict_pixels(model, pixels[:batch_size])  # warm-up at this batch size (the interpreter resizes)
+    start = time.perf_counter()
+    logits = np.concatenate([predict_pixels(model, pixels[i:i + batch_size])
+                             for i in range(0, len(pixels), batch_size)])
+    return logits, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- the Ray job
+
+def batch_inference(model_path, pixels: np.ndarray, *, address: str | None = None, actors: int = 2,
+                    batch_size: int = 1000, threads: int = 1) -> dict:
+    """Predict `pixels` with Ray Data and an actor pool; the same code for a local Ray and a cluster.
+
+    address None starts a local Ray on this machine (num_cpus=actors); an address such as
+    'ray://head-node:10001' or 'head-node:6379' joins that cluster instead, whose nodes need
+    labkit installed and the .tflite file at the same path.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise RayUnavailable("Ray is not installed: pip install 'ray[data]' to run this part") from None
+    if actors < 1 or batch_size < 1:
+        raise ValueError(f"actors and batch_size must be >= 1, got {actors} and {batch_size}")
+    start = time.perf_counter()
+    init = dict(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address is None:
+        init.update(num_cpus=actors, object_store_memory=256 * 1024 ** 2)
+    for attempt in (1, 2):  # a busy machine can make Ray's agents miss their start-up deadline once
+        try:
+            ray.init(**init)
+            break
+        except Exception as error:  # Ray raises a bare Exception when its node does not come up
+            ray.shutdown()
+            if attempt == 2 or address is not None:
+                raise RayUnavailable(f"Ray did not start ({type(error).__name__}: {error})") from None
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        made = time.perf_counter()
+        dataset = _dataset(ray, pixels, block_size=batch_size)  # in real use: ray.data.read_parquet(...)
+        dataset_seconds = time.perf_counter() - made
+        started = time.perf_counter()  # from here on: actors start, then stream every batch
+        predictions = dataset.map_batches(
+            LiteRTPredictor, fn_constructor_kwargs={"model_path": str(model_path), "threads": threads},
+            batch_size=batch_size, batch_format="numpy", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=actors))
+        index, logits, pids = [], [], []
+        first_seconds = None
+        for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+            if first_seconds is None:  # the first batch back marks the end of the actors' start-up
+                first_seconds, first_rows = time.perf_counter() - started, len(batch["index"])
+            index.append(batch["index"])
+            logits.append(batch["logits"])
+            pids.append(batch["actor_pid"])
+        seconds = time.perf_counter() - started
+        nodes = len(ray.nodes())
+        resources = ray.cluster_resources()
+    finally:
+        ray.shutdown()
+    index = np.concatenate(index)
+    order = np.argsort(index, kind="stable")
+    steady = (len(index) - first_rows) / (seconds - first_seconds) if seconds > first_seconds else float("nan")
+    return {"index": index[order], "logits": np.concatenate(logits)[order],
+            "actor_pids": sorted(set(np.concatenate(pids).tolist())), "seconds": seconds,
+            "throughput_ips": len(index) / seconds, "first_batch_seconds": first_seconds,
+            "steady_throughput_ips": steady, "dataset_seconds": dataset_seconds,
+            "seconds_with_startup": time.perf_counter() - start,
+            "nodes": nodes, "cpus": resources.get("CPU", 0.0), "address": address or "local"}
+
+
+def _dataset(ray, pixels: np.ndarray, block_size: int):
+    """A Ray Dataset with an 'index' column and a 'pixels' tensor column, in blocks of `block_size` rows.
+
+    The pixels stay uint8 (4x less to move than float32). Several blocks let Ray hand work to
+    every actor at once; one big block would keep all but one actor idle.
+    """
+    import pandas as pd
+    from ray.data.extensions import TensorArray
+    frames = [pd.DataFrame({"index": np.arange(i, min(i + block_size, len(pixels))),
+                            "pixels": TensorArray(np.ascontiguousarray(pixels[i:i + block_size]))})
+              for i in range(0, len(pixels), block_size)]
+    return ray.data.from_pandas(frames)
+
+
+# ----------------------------------------------------------------------------- run it in a fresh process
+
+def job_pixels(repeat: int = 1, limit: int = 0) -> np.ndarray:
+    """The test set's uint8 pixels, `repeat` times over (image i of copy r has index r * n + i)."""
+    from labkit.data import read_mnist_arrays
+    pixels = read_mnist_arrays()["x_test"]
+    if limit:
+        pixels = pixels[:limit]
+    return np.tile(pixels, (repeat, 1, 1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Ray Data batch inference of the int8 .tflite (notebook 06).")
+    parser.add_argument("--model", required=True, help="the .tflite file (at the same path on every node)")
+    parser.add_argument("--out", required=True, help="directory for ray_predictions.npz and ray_report.json")
+    parser.add_argument("--address", default=None, help="a Ray cluster's address; default: start a local Ray")
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=0)
+    args = parser.parse_args(argv)
+    pixels = job_pixels(args.repeat, args.limit)
+    try:
+        result = batch_inference(args.model, pixels, address=args.address, actors=args.actors,
+                                 batch_size=args.batch_size)
+    except RayUnavailable as error:
+        print(json.dumps({"event": "error", "message": str(error)}), flush=True)
+        return 3
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "ray_predictions.npz", index=result.pop("index"), logits=result.pop("logits"))
+    result.update(images=len(pixels), actors=args.actors, batch_size=args.batch_size)
+    (out / "ray_report.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({"event": "done", **result}), flush=True)
+    return 0
+
+
+def run(model_path, *, address: str | None = None, actors: int = 2, repeat: int = 1, limit: int = 0,
+        batch_size: int = 1000, out=None, timeout_s: float = 300.0) -> dict:
+    """Run the Ray job in a fresh process and return its report with its predictions.
+
+    Without an address, Ray runs on this machine only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes
+    every Ray process bind and advertise 127.0.0.1 instead of the machine's network address.
+    Raises RayUnavailable if Ray is missing or did not start, and stops the job (all of its
+    processes) if it has not finished within `timeout_s`.
+    """
+    import importlib.util
+    if importlib.util.find_spec("ray") is None:
+        raise RayUnavailable("Ray is not installed: pip install 'ray[data]' to run this part")
+    out = Path(out) if out else OUT_DIR / "ray"
+    for stale in ("ray_predictions.npz", "ray_report.json"):
+        (out / stale).unlink(missing_ok=True)
+    tag = f"{os.getpid()}-{time.time_ns()}"  # every process of this job inherits it: see _stop_job
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0", LABKIT_RAY_JOB=tag)
+    if address is None:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    cmd = [sys.executable, "-m", "labkit.distributed.ray_serving", "--model", str(model_path), "--out", str(out),
+           "--actors", str(actors), "--repeat", str(repeat), "--limit", str(limit), "--batch-size", str(batch_size)]
+    if address:
+        cmd += ["--address", address]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "ray_job.log", "w") as log:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=str(ROOT),
+                                   start_new_session=True)
+        try:
+            stdout, _ = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RayUnavailable(f"the Ray job did not finish within {timeout_s:.0f} s and was stopped "
+                                 f"(log: {out / 'ray_job.log'})") from None
+        finally:
+            _stop_job(process, tag)
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    error = next((e for e in events if e.get("event") == "error"), None)
+    if error or process.returncode != 0:
+        why = error["message"] if error else (out / "ray_job.log").read_text()[-1500:]
+        raise RayUnavailable(f"the Ray job failed (exit code {process.returncode}): {why}")
+    report = json.loads((out / "ray_report.json").read_text())
+    with np.load(out / "ray_predictions.npz") as npz:
+        report["index"], report["logits"] = npz["index"], npz["logits"]
+    report["tag"] = tag
+    return report
+
+
+def job_processes(tag: str) -> list:
+    """The processes of one Ray job on this machine: those whose environment carries its tag.
+
+    Ray's raylet starts its workers in sessions of their own, so the job's process group does
+    not reach them; the environment, which they all inherit from the driver, does.
+    """
+    import psutil
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("LABKIT_RAY_JOB") == tag:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _stop_job(process: subprocess.Popen, tag: str, grace_s: float = 10.0) -> None:
+    """Stop the driver, then give Ray's processes `grace_s` to exit on their own, then kill the rest by id."""
+    import psutil
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    left = job_processes(tag)
+    _, alive = psutil.wait_procs(left, timeout=grace_s)  # they exit once their raylet is gone
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
