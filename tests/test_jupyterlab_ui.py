@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
+import http.client
 from pathlib import Path
 
 import numpy as np
@@ -68,18 +68,22 @@ def hand_made_store(root: Path) -> None:
                     for v, t, a, l, g in rows], root / "results" / "measurements.csv")
 
 
-def wait_for_server(url: str, process: subprocess.Popen, timeout_s: float = 90) -> None:
+def wait_for_server(port: int, path: str, process: subprocess.Popen, timeout_s: float = 90) -> None:
+    """Poll the local server (127.0.0.1 only) until it answers 200."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"JupyterLab exited with code {process.returncode}")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+            connection.request("GET", path)
+            if connection.getresponse().status == 200:
+                return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"JupyterLab did not answer {url} within {timeout_s} s")
+        finally:
+            connection.close()
+    raise TimeoutError(f"JupyterLab did not answer http://127.0.0.1:{port}{path} within {timeout_s} s")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -113,7 +117,7 @@ def test_widgets_render_in_jupyterlab(tmp_path):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for_server(f"{base}/api/status?token={token}", server)
+        wait_for_server(port, f"/api/status?token={token}", server)
         with playwright_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                         args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
