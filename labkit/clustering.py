@@ -322,11 +322,7 @@ def _cached(path: Path, build):
     if path.is_file() and record_path.is_file():
         return keras.models.load_model(path), json.loads(record_path.read_text())
     model, record = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
-    record_path.write_text(json.dumps(record, indent=1))
+    models.save_cached(model, record, path)
     return model, record
 
 

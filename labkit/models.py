@@ -128,13 +128,22 @@ def load_or_train_baseline(config: BaselineConfig = BaselineConfig(), splits=Non
     record = {"config": asdict(config), "train_seconds": fit["train_seconds"],
               "history": {k: [float(v) for v in vs] for k, vs in fit["history"].items()},
               "tensorflow": tf.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    save_cached(model, record, path)
+    return model, record
+
+
+def save_cached(model: keras.Model, record: dict, path: Path) -> None:
+    """Save a model and its JSON record into the cache (notebooks 01-08).
+
+    The model goes to a temporary name first, so an interrupted save never leaves half a model;
+    the record is written last, and a cache entry counts only when both files exist.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name first so an interrupted save never leaves a half model in the cache.
     tmp = path.with_name(path.stem + ".tmp.keras")
     model.save(tmp)
     tmp.replace(path)
-    record_path.write_text(json.dumps(record, indent=1))
-    return model, record
+    path.with_suffix(".json").write_text(json.dumps(record, indent=1))
 
 
 def clone_with_weights(model: keras.Model) -> keras.Model:
