@@ -1,0 +1,296 @@
+"""Knowledge distillation: a small student learns from the baseline's softened logits (notebook 08).
+
+The teacher's logits, divided by a temperature T and passed through a softmax, say not only
+which digit an image is but how much it looks like each of the others (a 7 that is a bit of a
+1). The student is trained on a mix of that soft target and the true label:
+
+    loss = (1 - alpha) * CE(label, student)  +  alpha * T**2 * KL(teacher_T || student_T)
+
+where ``x_T = softmax(logits / T)``. The T**2 keeps the soft term's gradients the same size
+as T changes (they shrink as 1/T**2 otherwise). alpha = 0 is plain training from labels.
+
+Read top to bottom: settings, the loss (and its check against Keras' own losses), the
+teacher's logits (computed once and cached), training a student, the temperature sweep,
+and ``benchmark()`` (``python -m labkit.distill``), which prints the issue's target.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
+import numpy as np
+import pandas as pd
+
+labkit._import_tensorflow_quietly()   # quiet start-up for `python -m labkit.distill` too
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+from labkit import ARTIFACTS_DIR, measure, models  # noqa: E402
+
+DISTILL_DIR = ARTIFACTS_DIR / "distill"
+NUM_CLASSES = 10
+MIN_MAC_RATIO = 4.0   # the student must need at least 4x fewer MACs than the teacher
+
+
+# ============================================================================ 1. settings
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0 (1 leaves the logits as they are, "
+                         f"larger values soften them), got {temperature!r}")
+    return float(temperature)
+
+
+def check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
+            or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha is the weight of the teacher's soft term, a number in [0, 1] "
+                         f"(0: labels only, 1: teacher only), got {alpha!r}")
+    return float(alpha)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """A student and how it is trained; its hash (with the teacher's) names the cache entry."""
+    conv_filters: tuple = (12, 24)   # the baseline's shape, thinner: 6.3x fewer MACs
+    dense_units: int = 64
+    temperature: float = 4.0
+    alpha: float = 0.9               # 0.0: the same student from labels alone
+    epochs: int = 30
+    train_subset: int | None = 2000  # distillation pays most when labelled data is scarce
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        check_temperature(self.temperature)
+        check_alpha(self.alpha)
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+    def key(self, teacher_key: str = models.BaselineConfig().key()) -> str:
+        blob = json.dumps({**asdict(self), "teacher": teacher_key}, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        width = "-".join(map(str, self.conv_filters)) + f"-{self.dense_units}"
+        return f"student-{width}-labels" if self.alpha == 0 else f"student-{width}-T{self.temperature:g}"
+
+
+def build_student(config: StudentConfig = StudentConfig()) -> keras.Model:
+    """The baseline's shape, thinner and without batch norm (conv with bias, then ReLU).
+
+    Batch norm's running averages need many steps to settle (momentum 0.99); a student
+    trained for a few hundred steps would be judged on half-settled statistics.
+    """
+    if not config.conv_filters or any(f < 1 for f in config.conv_filters) or config.dense_units < 1:
+        raise ValueError(f"conv_filters and dense_units must be positive counts, got "
+                         f"{config.conv_filters} and {config.dense_units}")
+    keras.utils.set_random_seed(config.seed)
+    inputs = keras.Input(shape=(28, 28, 1), name="image")
+    x = inputs
+    for i, filters in enumerate(config.conv_filters, start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{i}")(x)
+        x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(config.dense_units, activation="relu", name="dense1")(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, name="logits")(x)
+    return keras.Model(inputs, outputs, name="student_cnn")
+
+
+# ============================================================================ 2. the loss
+
+def distillation_loss(labels, teacher_logits, student_logits, temperature: float = 4.0,
+                      alpha: float = 0.9):
+    """Per-image loss: (1 - alpha) * CE(labels) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))."""
+    temperature, alpha = check_temperature(temperature), check_alpha(alpha)
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    student_logits = tf.convert_to_tensor(student_logits, tf.float32)
+    hard = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=student_logits)
+    if alpha == 0.0:
+        return hard
+    teacher_log_p = tf.nn.log_softmax(tf.convert_to_tensor(teacher_logits, tf.float32) / temperature)
+    student_log_p = tf.nn.log_softmax(student_logits / temperature)
+    kl = tf.reduce_sum(tf.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
+    return (1.0 - alpha) * hard + alpha * temperature ** 2 * kl
+
+
+def pack_targets(labels: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
+    """Keras hands a loss only (y_true, y_pred): the label goes in column 0, the teacher's logits after it."""
+    return np.concatenate([np.asarray(labels, np.float32)[:, None],
+                           np.asarray(teacher_logits, np.float32)], axis=1)
+
+
+class DistillationLoss(keras.losses.Loss):
+    """distillation_loss on packed targets (see pack_targets)."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, name: str = "distillation"):
+        super().__init__(name=name)
+        self.temperature, self.alpha = check_temperature(temperature), check_alpha(alpha)
+
+    def call(self, y_true, y_pred):
+        return distillation_loss(y_true[:, 0], y_true[:, 1:], y_pred, self.temperature, self.alpha)
+
+
+def packed_accuracy(y_true, y_pred):
+    """Top-1 accuracy against the label in column 0 of packed targets."""
+    labels = tf.cast(y_true[:, 0], tf.int64)
+    return tf.cast(tf.equal(tf.argmax(y_pred, axis=-1), labels), tf.float32)
+
+
+packed_accuracy.__name__ = "accuracy"   # the name the progress bar reads
+
+
+def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) in NumPy: what the student is asked to match (notebook 08 plots it)."""
+    z = np.asarray(logits, np.float64) / check_temperature(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+# ============================================================================ 3. the teacher's logits
+
+def teacher_logits(teacher, x: np.ndarray, *, name: str = "train",
+                   teacher_key: str = models.BaselineConfig().key(), directory: Path = DISTILL_DIR) -> np.ndarray:
+    """The teacher's logits on x, computed once (inference mode: no dropout) and cached as .npy."""
+    path = Path(directory) / f"teacher-logits-{teacher_key}-{name}-{len(x)}.npy"
+    if path.is_file():
+        return np.load(path)
+    logits = teacher.predict(x, batch_size=1000, verbose=0).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, logits)
+    tmp.replace(path)
+    return logits
+
+
+# ============================================================================ 4. training a student
+
+def fit_student(model, x, y, logits, config: StudentConfig, progress: bool = True, callbacks=()) -> dict:
+    """Deterministic fit on the distillation loss (cosine decay, as models.train); alpha=0 is labels only.
+
+    Any model with logits out can be the student: the search in notebook 08 fine-tunes its
+    factored, pruned variants with it.
+    """
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    steps = config.epochs * int(np.ceil(len(x) / config.batch_size))
+    rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
+    model.compile(optimizer=keras.optimizers.Adam(rate),
+                  loss=DistillationLoss(config.temperature, config.alpha), metrics=[packed_accuracy])
+    callbacks = list(callbacks) + ([models.TqdmCallback(steps, config.name)] if progress else [])
+    start = time.perf_counter()
+    history = model.fit(x, pack_targets(y, logits), epochs=config.epochs, batch_size=config.batch_size,
+                        shuffle=True, callbacks=callbacks, verbose=0)
+    return {"history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+            "train_seconds": time.perf_counter() - start}
+
+
+def load_or_train_student(config: StudentConfig, splits, teacher=None, *, directory: Path = DISTILL_DIR,
+                          progress: bool = True):
+    """The trained student and its record, from the cache or trained now (the teacher is the baseline)."""
+    teacher_key = models.BaselineConfig().key()
+    path = Path(directory) / f"{config.name}-{config.key(teacher_key)}.keras"
+    record_path = path.with_suffix(".json")
+    if path.is_file() and record_path.is_file():
+        return keras.models.load_model(path, compile=False), json.loads(record_path.read_text())
+    x, y = splits.x_train, splits.y_train
+    if config.train_subset is not None:
+        x, y = x[:config.train_subset], y[:config.train_subset]
+    if config.alpha > 0:
+        if teacher is None:
+            teacher, _ = models.load_or_train_baseline()
+        logits = teacher_logits(teacher, x, teacher_key=teacher_key, directory=directory)
+    else:
+        logits = np.zeros((len(x), NUM_CLASSES), np.float32)   # unused: alpha=0 reads only the labels
+    model = build_student(config)
+    fit = fit_student(model, x, y, logits, config, progress=progress)
+    record = {"config": asdict(config), **fit, "macs": measure.count_macs(model),
+              "params": measure.count_params(model)["params"],
+              "val_accuracy": measure.accuracy(measure.keras_call(model), splits.x_val, splits.y_val),
+              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.keras")
+    model.save(tmp)
+    tmp.replace(path)
+    record_path.write_text(json.dumps(record, indent=1, default=list))
+    return model, record
+
+
+def mac_ratio(teacher, student) -> float:
+    """How many times fewer multiply-accumulates the student needs per image."""
+    return measure.count_macs(teacher) / measure.count_macs(student)
+
+
+def check_student_size(teacher, student) -> float:
+    ratio = mac_ratio(teacher, student)
+    if ratio < MIN_MAC_RATIO:
+        raise ValueError(f"the student needs only {ratio:.2f}x fewer MACs than the teacher; "
+                         f"choose fewer filters or units for at least {MIN_MAC_RATIO:g}x")
+    return ratio
+
+
+# ============================================================================ 5. comparisons
+
+def compare(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 2.0, 4.0, 8.0),
+            teacher=None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """The same student from labels alone and distilled at each temperature: test and val accuracy.
+
+    Returns (table, {name: model}); the table has one row per student and the teacher.
+    """
+    if teacher is None:
+        teacher, _ = models.load_or_train_baseline()
+    configs = [replace(config, alpha=0.0)] + [replace(config, temperature=float(t)) for t in temperatures]
+    rows, students = [], {}
+    for c in configs:
+        model, record = load_or_train_student(c, splits, teacher, progress=progress)
+        check_student_size(teacher, model)
+        students[c.name] = model
+        runner = measure.keras_call(model)
+        rows.append({"student": c.name, "alpha": c.alpha, "temperature": c.temperature if c.alpha else None,
+                     "val_accuracy": record["val_accuracy"],
+                     "test_accuracy": measure.accuracy(runner, splits.x_test, splits.y_test),
+                     "macs": record["macs"], "params": record["params"],
+                     "train_seconds": round(record["train_seconds"], 1)})
+    rows.append({"student": "teacher (baseline)", "alpha": None, "temperature": None,
+                 "val_accuracy": measure.accuracy(measure.keras_call(teacher), splits.x_val, splits.y_val),
+                 "test_accuracy": measure.accuracy(measure.keras_call(teacher), splits.x_test, splits.y_test),
+                 "macs": measure.count_macs(teacher), "params": measure.count_params(teacher)["params"],
+                 "train_seconds": None})
+    return pd.DataFrame(rows).set_index("student"), students
+
+
+def export_tflite(model, config: StudentConfig, directory: Path = DISTILL_DIR) -> Path:
+    """A float32 .tflite of a trained student, named by its settings."""
+    path = Path(directory) / f"{config.name}-{config.key()}.tflite"
+    with labkit.quiet_stderr():
+        return models.save_tflite(model, path)
+
+
+# ============================================================================ 6. benchmark
+
+def benchmark(config: StudentConfig = StudentConfig(), progress: bool = False) -> pd.DataFrame:
+    """Print the target: the distilled student beats the label-trained one in test accuracy."""
+    from labkit.data import load_mnist
+    splits = load_mnist()
+    teacher, _ = models.load_or_train_baseline()
+    table, _ = compare(splits, config, temperatures=(config.temperature,), teacher=teacher, progress=progress)
+    labels = table.loc[replace(config, alpha=0.0).name, "test_accuracy"]
+    distilled = table.loc[config.name, "test_accuracy"]
+    print(f"machine: {measure.machine_string()}")
+    print(table.to_string())
+    print(f"MACs: teacher / student = {mac_ratio(teacher, build_student(config)):.2f}x (target >= {MIN_MAC_RATIO:g}x)")
+    print(f"test accuracy: distilled {distilled:.4f} vs labels only {labels:.4f} "
+          f"({'met' if distilled > labels else 'MISSED'}: distilled must be higher)")
+    return table
+
+
+if __name__ == "__main__":
+    benchmark()
