@@ -199,11 +199,7 @@ def load_or_fine_tune(model, ranks: dict, splits, *, epochs: int = 1, train_subs
               "one_shot_val_accuracy": one_shot,
               "val_accuracy": measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val),
               **describe(factored), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    factored.save(tmp)
-    tmp.replace(path)
-    record_path.write_text(json.dumps(record, indent=1))
+    models.save_cached(factored, record, path)
     return factored, record
 
 
