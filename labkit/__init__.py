@@ -78,6 +78,25 @@ def filter_native_stderr() -> None:
     _stderr_filter_on = True
 
 
+PROGRESS_REDRAWS = 50   # per bar, however many steps it counts
+
+
+def progress_bar(iterable=None, *, total=None, **options):
+    """A tqdm bar (a widget in Jupyter) that redraws at most about PROGRESS_REDRAWS times.
+
+    Each redraw in a notebook is a few kernel messages. nbval reads none of them until the cell
+    ends, and ZeroMQ drops what overflows its buffers (some 7,000 messages), the cell's result
+    with it: an unthrottled bar over a long training fails the test run.
+    """
+    from tqdm.auto import tqdm
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if total:
+        options.setdefault("miniters", max(1, -(-total // PROGRESS_REDRAWS)))
+    options.setdefault("mininterval", 0.5)
+    return tqdm(iterable, total=total, **options)
+
+
 def import_tensorflow_quietly():
     """Import TensorFlow and start its CPU device without the start-up noise."""
     import sys

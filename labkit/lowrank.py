@@ -149,11 +149,10 @@ def describe(model) -> dict:
 
 def rank_sweep(model, x_val, y_val, ranks_by_layer: dict, progress: bool = True) -> pd.DataFrame:
     """One layer factored at a time, no fine-tuning: validation accuracy, params and MACs per rank."""
-    from tqdm.auto import tqdm
     jobs = [(layer, r) for layer, ranks in ranks_by_layer.items() for r in ranks]
     rows = [{"layer": "(none)", "rank": None, "full_rank": None,
              "val_accuracy": measure.accuracy(measure.keras_call(model), x_val, y_val), **describe(model)}]
-    for layer, rank in tqdm(jobs, desc="rank sweep", disable=not progress):
+    for layer, rank in labkit.progress_bar(jobs, desc="rank sweep", disable=not progress):
         factored = factorize(model, {layer: rank})
         rows.append({"layer": layer, "rank": rank, "full_rank": full_rank(model.get_layer(layer)),
                      "val_accuracy": measure.accuracy(measure.keras_call(factored), x_val, y_val),

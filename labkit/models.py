@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import labkit  # noqa: F401  (sets the legacy-Keras switch before TensorFlow loads)
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
@@ -74,13 +74,12 @@ class TqdmCallback(keras.callbacks.Callback):
         self.total_steps, self.description = total_steps, description
 
     def on_train_begin(self, logs=None):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=self.total_steps, desc=self.description, unit="step")
+        self.bar = labkit.progress_bar(total=self.total_steps, desc=self.description, unit="step")
 
     def on_train_batch_end(self, batch, logs=None):
+        if batch % 20 == 0 and logs:   # shown at the bar's next (throttled) redraw
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}", refresh=False)
         self.bar.update(1)
-        if batch % 20 == 0 and logs:
-            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}")
 
     def on_train_end(self, logs=None):
         self.bar.close()

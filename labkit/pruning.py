@@ -23,7 +23,7 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import labkit  # noqa: F401  (sets the legacy-Keras switch before TensorFlow loads)
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
@@ -312,9 +312,8 @@ def sensitivity_sweep(model, x_val, y_val, sparsities=(0.3, 0.5, 0.7, 0.8, 0.9, 
     work = models.clone_with_weights(model)
     runner = measure.tf_function(work)
     base_accuracy = measure.accuracy(runner, x_val, y_val)
-    from tqdm.auto import tqdm
     rows = []
-    with tqdm(total=len(names) * (len(sparsities) - 1), desc="sensitivity", disable=not progress) as bar:
+    with labkit.progress_bar(total=len(names) * (len(sparsities) - 1), desc="sensitivity", disable=not progress) as bar:
         for name in names:
             kernel = work.get_layer(name).kernel
             original = kernel.numpy()

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from itertools import product
 from pathlib import Path
 
-import labkit  # noqa: F401  (sets the legacy-Keras switch before TensorFlow loads)
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
@@ -215,7 +215,6 @@ def weight_sweep(model, x, y, bits_list=(8, 6, 4, 2), schemes=SCHEMES, progress:
     Only kernels are quantized here (biases and batch norms stay float), so this isolates the
     error of the weight codes. One row per setting, plus a float32 reference row.
     """
-    from tqdm.auto import tqdm
     for bits in bits_list:
         check_bits(bits)
     work = models.clone_with_weights(model)   # the caller's model keeps its weights
@@ -225,7 +224,7 @@ def weight_sweep(model, x, y, bits_list=(8, 6, 4, 2), schemes=SCHEMES, progress:
     rows = [{"scheme": "float32", "granularity": "-", "bits": 32, "sqnr_db": float("inf"),
              "accuracy": measure.accuracy(runner, x, y)}]
     settings = list(product(schemes, ("per-tensor", "per-channel"), bits_list))
-    for scheme, granularity, bits in tqdm(settings, desc="weight sweep", disable=not progress):
+    for scheme, granularity, bits in labkit.progress_bar(settings, desc="weight sweep", disable=not progress):
         quantized = {}
         for name, w in originals.items():
             quantized[name] = fake_quantize(w, bits, scheme, axis=-1 if granularity == "per-channel" else None)

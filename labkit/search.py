@@ -182,13 +182,12 @@ def weight_layers(model) -> list:
 def sensitivity(model, calibration, x_val, y_val, directory: Path, progress: bool = True) -> pd.DataFrame:
     """Which layers int8 hurts. Per conv / dense layer: its weights, the debugger's error in int8 steps,
     and the validation accuracy when that layer alone stays float (gain: against all-int8)."""
-    from tqdm.auto import tqdm
     directory = Path(directory)
     debug, stats = debugger(model, calibration, debug_images=len(calibration))
     all_int8 = write(denylist(debug, []), directory / "all-int8.tflite")
     base = measure.accuracy(measure.litert(all_int8), x_val, y_val)
     rows = []
-    for layer in tqdm(weight_layers(model), desc="one layer in float", disable=not progress):
+    for layer in labkit.progress_bar(weight_layers(model), desc="one layer in float", disable=not progress):
         path = write(denylist(debug, nodes_of(stats, [layer])), directory / f"float-{layer}.tflite")
         rows.append({"layer": layer, "weights": int(model.get_layer(layer).get_weights()[0].size),
                      "rmse_in_steps": float(stats.loc[stats["layer"] == layer, "rmse_in_steps"].max()),
@@ -419,10 +418,9 @@ def optimize(study, evaluate, n_trials: int, accuracy_floor: float, space: Searc
              progress: bool = True):
     """Run trials until the study holds `n_trials` finished ones; `evaluate(settings) -> dict` with
     val_accuracy and the OBJECTIVES. Optuna commits each finished trial to the storage at once."""
-    from tqdm.auto import tqdm
     n_trials, accuracy_floor = check_budget(n_trials), check_floor(accuracy_floor)
     done = len(finished(study))
-    bar = tqdm(total=n_trials, initial=min(done, n_trials), desc="search trials", unit="trial", disable=not progress)
+    bar = labkit.progress_bar(total=n_trials, initial=min(done, n_trials), desc="search trials", unit="trial", disable=not progress)
 
     def objective(trial):
         settings = space.suggest(trial)

@@ -5,7 +5,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from labkit import NOTEBOOKS_DIR, bench, book, models, results
+from labkit import NOTEBOOKS_DIR, ROOT, bench, book, models, results
 
 
 def test_notebooks_are_committed_without_outputs():
@@ -61,3 +61,36 @@ def test_lab_command_serves_notebooks_on_localhost():
     cmd = lab.command(["--no-browser"])
     assert f"--ServerApp.root_dir={NOTEBOOKS_DIR}" in cmd and "--ServerApp.ip=127.0.0.1" in cmd
     assert cmd[-1] == "--no-browser" and not any("token=''" in c or "token=" in c for c in cmd)
+
+
+def test_a_long_training_bar_sends_few_kernel_messages():
+    """nbval drains a cell's messages only after it ends; ZeroMQ drops what overflows (some 7,000),
+    the cell's result with it. A training bar must stay far below that however long it runs."""
+    import queue
+    from jupyter_client.manager import start_new_kernel
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from labkit import models\n"
+            "callback = models.TqdmCallback(50_000)\n"
+            "callback.on_train_begin()\n"
+            "for step in range(50_000):\n"
+            "    callback.on_train_batch_end(step % 430, {'loss': 0.1, 'accuracy': 0.9})\n"
+            "    if step % 500 == 0: time.sleep(0.02)\n"
+            "callback.on_train_end()\n")
+    manager, client = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    messages = 0
+    try:
+        msg_id = client.execute(code)
+        reply = client.get_shell_msg(timeout=300)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        while True:
+            msg = client.get_iopub_msg(timeout=10)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            messages += 1
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+    except queue.Empty:
+        pytest.fail(f"the kernel's messages stopped after {messages}: some were dropped")
+    finally:
+        manager.shutdown_kernel(now=True)
+    assert messages < 500, f"{messages} kernel messages for one training bar"

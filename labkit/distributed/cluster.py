@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labkit import ARTIFACTS_DIR, ROOT
+from labkit import ARTIFACTS_DIR, ROOT, progress_bar
 
 LOCALHOST = "127.0.0.1"
 OUT_DIR = ARTIFACTS_DIR / "distributed"
@@ -319,12 +319,11 @@ def scaling(model, *, worker_counts=(1, 2), repeat: int = 5, rounds: int = 2, ba
     distributing. Returns (table, runs).
     """
     import pandas as pd
-    from tqdm.auto import tqdm
     if rounds < 1 or repeat < 1:
         raise ValueError(f"rounds and repeat must be >= 1, got {rounds} and {repeat}")
     runs = []
     plan = [(r, n) for r in range(rounds) for n in (worker_counts if r % 2 == 0 else worker_counts[::-1])]
-    for r, n in tqdm(plan, desc="data-parallel runs", disable=not progress):
+    for r, n in progress_bar(plan, desc="data-parallel runs", disable=not progress):
         run = run_local(n, model, repeat=repeat, batch_size=batch_size, **kwargs)
         runs.append({"round": r, **run})
     frame = pd.DataFrame([{k: run[k] for k in ("round", "num_workers", "images", "seconds", "throughput_ips",
