@@ -555,7 +555,7 @@ def measure_side_by_side(paths: dict, splits, repeats: int = 300, threads: int =
     return pd.DataFrame(rows).set_index("variant"), latency
 
 
-def record(table: pd.DataFrame, latency, technique: str = "pipeline") -> pd.DataFrame:
+def record(table: pd.DataFrame, latency, technique: str = "search") -> pd.DataFrame:
     """Store the rows of a side-by-side table (index: variant name)."""
     from labkit import results
     rows = [results.make_row(name, technique, NOTEBOOK, accuracy=float(row["accuracy"]), latency=latency,
