@@ -243,47 +243,9 @@ def export(model: keras.Model, stem: str, directory: Path = GRAPH_DIR) -> dict:
 
 # ----------------------------------------------------------------------------- reading .tflite files
 
-def check_tflite(path) -> Path:
-    """The path, if it is a .tflite flatbuffer; FileNotFoundError or ValueError saying what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No .tflite file at {path}. Convert one first (labkit.models.save_tflite).")
-    if not path.is_file():
-        raise ValueError(f"{path} is a directory, but a .tflite model is one file "
-                         "(a directory with saved_model.pb is a SavedModel: use check_saved_model).")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[4:8] != b"TFL3":
-        raise ValueError(f"{path} is not a TFLite model: a .tflite flatbuffer carries the identifier "
-                         f"b'TFL3' at bytes 4-8, this file has {head[4:8]!r}.")
-    return path
-
-
-def check_saved_model(path) -> Path:
-    """The path, if it is a SavedModel directory; FileNotFoundError or ValueError saying what is wrong."""
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.protobuf import saved_model_pb2
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No SavedModel at {path}. Export one with tf.saved_model.save(model, path).")
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file, but a SavedModel is a directory holding saved_model.pb "
-                         "and variables/ (a single .tflite file: use check_tflite).")
-    pb = path / "saved_model.pb"
-    if not pb.is_file():
-        raise ValueError(f"{path} holds no saved_model.pb, so it is not a SavedModel directory.")
-    try:
-        parsed = saved_model_pb2.SavedModel.FromString(pb.read_bytes())
-    except DecodeError as error:
-        raise ValueError(f"{pb} is not a SavedModel protocol buffer ({error}).") from None
-    if not parsed.meta_graphs:
-        raise ValueError(f"{pb} holds no meta graph, so it is not a usable SavedModel.")
-    return path
-
-
 def _read_tflite(path):
     from ai_edge_litert import schema_py_generated as schema
-    return schema.ModelT.InitFromPackedBuf(bytearray(check_tflite(path).read_bytes()), 0)
+    return schema.ModelT.InitFromPackedBuf(bytearray(measure.check_tflite(path).read_bytes()), 0)
 
 
 def _enum_names(enum_class) -> dict:
@@ -467,7 +429,7 @@ def tftrt_convert(saved_model_dir, output_dir, images: np.ndarray, precision: st
     if not ok:
         raise RuntimeError(f"TF-TRT cannot run here: {why}")
     from tensorflow.python.compiler.tensorrt import trt_convert as trt
-    converter = trt.TrtGraphConverterV2(input_saved_model_dir=str(check_saved_model(saved_model_dir)),
+    converter = trt.TrtGraphConverterV2(input_saved_model_dir=str(measure.check_saved_model(saved_model_dir)),
                                         precision_mode=precision)
     converter.convert()
 
@@ -476,16 +438,6 @@ def tftrt_convert(saved_model_dir, output_dir, images: np.ndarray, precision: st
     converter.build(input_fn=input_fn)
     converter.save(str(output_dir))
     return Path(output_dir)
-
-
-def saved_model_runner(path, name: str = "SavedModel") -> measure.Runner:
-    """measure.saved_model after a check that says clearly what is wrong with a bad path."""
-    return measure.saved_model(check_saved_model(path), name=name)
-
-
-def litert_runner(path, num_threads: int | None = 1, xnnpack: bool = True, name: str | None = None):
-    """measure.litert after a check that says clearly what is wrong with a bad path."""
-    return measure.litert(check_tflite(path), num_threads=num_threads, xnnpack=xnnpack, name=name)
 
 
 def runtime_runners(model: keras.Model, paths: dict, onnx_path=None) -> list:
@@ -497,12 +449,12 @@ def runtime_runners(model: keras.Model, paths: dict, onnx_path=None) -> list:
                measure.tf_function(model, "tf.function + XLA", jit_compile=True)]
     for runner in runners:
         runner.artifact = str(paths["keras"])
-    runners.append(saved_model_runner(paths["savedmodel"]))
+    runners.append(measure.saved_model(paths["savedmodel"]))
     cores = measure.machine_info()["usable_cores"]
     for threads in sorted({1, min(2, cores)}):
         label = f"LiteRT XNNPACK {threads} thread{'s' if threads > 1 else ''}"
-        runners.append(litert_runner(paths["tflite"], threads, name=label))
-    runners.append(litert_runner(paths["tflite"], 1, xnnpack=False, name="LiteRT built-in kernels 1 thread"))
+        runners.append(measure.litert(paths["tflite"], threads, name=label))
+    runners.append(measure.litert(paths["tflite"], 1, xnnpack=False, name="LiteRT built-in kernels 1 thread"))
     if onnx_path is not None:
         runners.append(onnx_runner(onnx_path, 1, name="ONNX Runtime 1 thread"))
     return runners
@@ -566,7 +518,7 @@ def _probe_runner(probe: Probe, threads: int) -> measure.Runner:
     """Invoke the probe on a fixed random input; the image measure_latency hands over is ignored."""
     from ai_edge_litert.interpreter import Interpreter
     with labkit.quiet_stderr():
-        interpreter = Interpreter(model_path=str(check_tflite(probe.path)), num_threads=threads)
+        interpreter = Interpreter(model_path=str(measure.check_tflite(probe.path)), num_threads=threads)
         interpreter.allocate_tensors()
     detail = interpreter.get_input_details()[0]
     rng = np.random.default_rng(0)

@@ -98,12 +98,47 @@ def tf_function(model, name: str = "tf.function", jit_compile: bool = False) -> 
                   "a traced graph called from Python (one dispatch per call), plus .numpy()")
 
 
+def check_tflite(path) -> Path:
+    """The path, if it is a .tflite flatbuffer; FileNotFoundError or ValueError saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No .tflite file at {path}. Convert one first (labkit.models.save_tflite).")
+    if not path.is_file():
+        raise ValueError(f"{path} is a directory, but a .tflite model is one file "
+                         "(a directory with saved_model.pb is a SavedModel: use measure.saved_model).")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[4:8] != b"TFL3":
+        raise ValueError(f"{path} is not a TFLite model: a .tflite flatbuffer carries the identifier "
+                         f"b'TFL3' at bytes 4-8, this file has {head[4:8]!r}.")
+    return path
+
+
+def check_saved_model(path) -> Path:
+    """The path, if it is a SavedModel directory; FileNotFoundError or ValueError saying what is wrong."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No SavedModel at {path}. Export one with tf.saved_model.save(model, path).")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, but a SavedModel is a directory holding saved_model.pb "
+                         "and variables/ (a single .tflite file: use measure.litert).")
+    pb = path / "saved_model.pb"
+    if not pb.is_file():
+        raise ValueError(f"{path} holds no saved_model.pb, so it is not a SavedModel directory.")
+    try:
+        parsed = saved_model_pb2.SavedModel.FromString(pb.read_bytes())
+    except DecodeError as error:
+        raise ValueError(f"{pb} is not a SavedModel protocol buffer ({error}).") from None
+    if not parsed.meta_graphs:
+        raise ValueError(f"{pb} holds no meta graph, so it is not a usable SavedModel.")
+    return path
+
+
 def saved_model(path, name: str = "SavedModel", signature: str = "serving_default") -> Runner:
     import tensorflow as tf
-    path = Path(path)
-    if not (path / "saved_model.pb").is_file():
-        raise FileNotFoundError(f"No SavedModel at {path} (expected {path / 'saved_model.pb'}). "
-                                "Export one with tf.saved_model.save(model, path) first.")
+    path = check_saved_model(path)
     loaded = tf.saved_model.load(str(path))
     fn = loaded.signatures[signature]
     input_name = list(fn.structured_input_signature[1].keys())[0]
@@ -125,10 +160,7 @@ class LiteRTModel:
 
     def __init__(self, path, num_threads: int | None = None, xnnpack: bool = True):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"No .tflite model at {self.path}. Convert one first "
-                                    "(labkit.models.save_tflite).")
+        self.path = check_tflite(path)
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             with labkit.quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate"

@@ -175,32 +175,6 @@ def test_the_tflite_converter_folds_batchnorm_like_we_do(tiny, tmp_path):
         np.testing.assert_allclose(b_theirs, b_ours, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- bad paths
-
-def test_bad_model_paths_raise_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No .tflite"):
-        graph.check_tflite(tmp_path / "missing.tflite")
-    garbage = tmp_path / "notes.tflite"
-    garbage.write_text("this is not a model at all")
-    with pytest.raises(ValueError, match="not a TFLite model"):
-        graph.check_tflite(garbage)
-    with pytest.raises(ValueError, match="not a TFLite model"):
-        graph.litert_runner(garbage)
-    with pytest.raises(ValueError, match="directory"):
-        graph.check_tflite(tmp_path)
-    with pytest.raises(FileNotFoundError, match="No SavedModel"):
-        graph.saved_model_runner(tmp_path / "missing_savedmodel")
-    with pytest.raises(ValueError, match="is a file"):
-        graph.check_saved_model(garbage)
-    with pytest.raises(ValueError, match="no saved_model.pb"):
-        graph.check_saved_model(tmp_path)
-    fake = tmp_path / "fake_savedmodel"
-    fake.mkdir()
-    (fake / "saved_model.pb").write_bytes(b"\xff\xff\xff not a protocol buffer")
-    with pytest.raises(ValueError, match="SavedModel"):
-        graph.check_saved_model(fake)
-
-
 # ----------------------------------------------------------------------------- XLA
 
 def test_bucketed_pads_up_and_trims_back():
@@ -268,7 +242,7 @@ def test_tftrt_says_why_it_cannot_run(tmp_path):
 def test_tftrt_converts_and_agrees(tiny, images, tmp_path):
     tf.saved_model.save(tiny, str(tmp_path / "sm"))
     out = graph.tftrt_convert(tmp_path / "sm", tmp_path / "trt", images[:4], precision="FP32")
-    runner = graph.saved_model_runner(out, "TF-TRT")
+    runner = measure.saved_model(out, "TF-TRT")
     np.testing.assert_allclose(runner(images[:4]), tiny(images[:4], training=False).numpy(), atol=1e-3)
 
 

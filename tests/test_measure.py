@@ -68,12 +68,35 @@ def test_litert_resizes_batches_and_rejects_bad_files(tflite_path, tmp_path, ima
     assert runner(images[:1]).shape == (1, 10) and runner(images).shape == (len(images), 10)
     with pytest.raises(FileNotFoundError, match="No .tflite"):
         measure.litert(tmp_path / "missing.tflite")
-    junk = tmp_path / "junk.tflite"
-    junk.write_bytes(b"not a flatbuffer at all")
+    truncated = tmp_path / "truncated.tflite"   # the right identifier, but half a model
+    data = tflite_path.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match="not a valid .tflite"):
-        measure.litert(junk)
+        measure.litert(truncated)
+
+
+def test_bad_model_paths_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No .tflite"):
+        measure.check_tflite(tmp_path / "missing.tflite")
+    garbage = tmp_path / "notes.tflite"
+    garbage.write_text("this is not a model at all")
+    with pytest.raises(ValueError, match="not a TFLite model"):
+        measure.check_tflite(garbage)
+    with pytest.raises(ValueError, match="not a TFLite model"):
+        measure.litert(garbage)
+    with pytest.raises(ValueError, match="directory"):
+        measure.check_tflite(tmp_path)
     with pytest.raises(FileNotFoundError, match="No SavedModel"):
-        measure.saved_model(tmp_path)
+        measure.saved_model(tmp_path / "missing_savedmodel")
+    with pytest.raises(ValueError, match="is a file"):
+        measure.check_saved_model(garbage)
+    with pytest.raises(ValueError, match="no saved_model.pb"):
+        measure.check_saved_model(tmp_path)
+    fake = tmp_path / "fake_savedmodel"
+    fake.mkdir()
+    (fake / "saved_model.pb").write_bytes(b"\xff\xff\xff not a protocol buffer")
+    with pytest.raises(ValueError, match="SavedModel"):
+        measure.check_saved_model(fake)
 
 
 def test_sizes(tmp_path):
