@@ -118,15 +118,16 @@ def build_plain(conv_filters=(32, 64), dense_units: int = 128, dropout: float = 
 
 
 def fold_batchnorm(model):
-    """The same function without batch norm: kernel * gamma/sqrt(var+eps) and a new bias per channel."""
+    """The same function without batch norm, as build_plain's layers (the math: graph.fold_conv_bn)."""
+    from labkit.graph import fold_conv_bn
     conv_filters = [model.get_layer(f"conv{i}").filters for i in (1, 2)]
     folded = build_plain(conv_filters, model.get_layer("dense1").units)
     for i in (1, 2):
-        kernel = model.get_layer(f"conv{i}").get_weights()[0]
+        kernel = model.get_layer(f"conv{i}").get_weights()[0]   # the baseline's convolutions have no bias
         bn = model.get_layer(f"bn{i}")
         gamma, beta, mean, variance = bn.get_weights()
-        scale = gamma / np.sqrt(variance + bn.epsilon)
-        folded.get_layer(f"conv{i}").set_weights([kernel * scale, beta - mean * scale])
+        folded.get_layer(f"conv{i}").set_weights(
+            fold_conv_bn(kernel, np.zeros_like(mean), gamma, beta, mean, variance, bn.epsilon))
     for name in ("dense1", "logits"):
         folded.get_layer(name).set_weights(model.get_layer(name).get_weights())
     return folded
