@@ -28,7 +28,9 @@ def run_notebook(path: Path, out_dir: Path, timeout_s: int = 1800) -> dict:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     nb = nbformat.read(path, as_version=4)
+    # The kernel is local and short-lived: its log level hides the start-up notice about TCP on localhost.
     client = NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"],
                             resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     error = None

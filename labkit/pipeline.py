@@ -693,7 +693,8 @@ def report_figures(table: pd.DataFrame | None = None, stages_csv: Path = STAGES_
     stages = pd.read_csv(stages_csv, index_col="stage")
     if STAGE_LABELS["final"] not in stages.index or STAGE_LABELS["baseline"] not in stages.index:
         return figure, None, stages
-    targets = pd.DataFrame(targets_met(stages)).T.rename_axis("figure").reset_index()
+    targets = (pd.DataFrame(targets_met(stages)).T.astype({"measured": float, "target": float, "met": bool})
+               .rename_axis("figure").reset_index())
     return figure, targets, stages
 
 

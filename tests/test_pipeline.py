@@ -240,4 +240,5 @@ def test_record_and_report_figures(tmp_path):
     assert targets.loc["min_gzip_ratio", "measured"] == pytest.approx(39.0)
     assert targets.loc["min_speedup_p50", "measured"] == pytest.approx(2.5)
     assert targets["met"].all()
+    assert targets["measured"].dtype == float and targets["met"].dtype == bool  # so the report can round them
     assert pipeline.report_figures(store, stages_csv=tmp_path / "missing.csv")[1:] == (None, None)
