@@ -318,9 +318,8 @@ class ClusterConfig:
 
 def _cached(path: Path, build):
     """Load model and record from `path`, or build, save (atomically) and return them."""
-    record_path = path.with_suffix(".json")
-    if path.is_file() and record_path.is_file():
-        return keras.models.load_model(path), json.loads(record_path.read_text())
+    if (cached := models.load_cached(path)) is not None:
+        return cached
     model, record = build()
     models.save_cached(model, record, path)
     return model, record

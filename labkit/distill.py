@@ -198,9 +198,8 @@ def load_or_train_student(config: StudentConfig, splits, teacher=None, *, direct
     """The trained student and its record, from the cache or trained now (the teacher is the baseline)."""
     teacher_key = models.BaselineConfig().key()
     path = Path(directory) / f"{config.name}-{config.key(teacher_key)}.keras"
-    record_path = path.with_suffix(".json")
-    if path.is_file() and record_path.is_file():
-        return keras.models.load_model(path, compile=False), json.loads(record_path.read_text())
+    if (cached := models.load_cached(path, compile=False)) is not None:
+        return cached
     x, y = splits.x_train, splits.y_train
     if config.train_subset is not None:
         x, y = x[:config.train_subset], y[:config.train_subset]
@@ -216,11 +215,7 @@ def load_or_train_student(config: StudentConfig, splits, teacher=None, *, direct
               "params": measure.count_params(model)["params"],
               "val_accuracy": measure.accuracy(measure.keras_call(model), splits.x_val, splits.y_val),
               "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
-    record_path.write_text(json.dumps(record, indent=1, default=list))
+    models.save_cached(model, record, path)
     return model, record
 
 

@@ -184,9 +184,8 @@ def load_or_fine_tune(model, ranks: dict, splits, *, epochs: int = 1, train_subs
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     name = "lowrank-" + "-".join(f"{layer}r{rank}" for layer, rank in sorted(ranks.items()))
     path = Path(directory) / f"{name}-{key}.keras"
-    record_path = path.with_suffix(".json")
-    if path.is_file() and record_path.is_file():
-        return keras.models.load_model(path, compile=False), json.loads(record_path.read_text())
+    if (cached := models.load_cached(path, compile=False)) is not None:
+        return cached
     factored = factorize(model, ranks)
     one_shot = measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val)
     x, y = splits.x_train, splits.y_train

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import labkit  # sets the legacy-Keras switch before TensorFlow loads
@@ -111,9 +111,8 @@ def load_or_train_baseline(config: BaselineConfig = BaselineConfig(), splits=Non
                            directory: Path = ARTIFACTS_DIR, progress: bool = True):
     """The trained baseline and its training record, from the cache or trained now."""
     path = model_path("baseline", config, directory)
-    record_path = path.with_suffix(".json")
-    if path.is_file() and record_path.is_file():
-        return keras.models.load_model(path), json.loads(record_path.read_text())
+    if (cached := load_cached(path)) is not None:
+        return cached
     if splits is None:
         from labkit.data import load_mnist
         splits = load_mnist()
@@ -131,6 +130,18 @@ def load_or_train_baseline(config: BaselineConfig = BaselineConfig(), splits=Non
     return model, record
 
 
+def _json_value(value):
+    """NumPy scalars and arrays (and other iterables) in a cache record, as JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"a cache record holds a {type(value).__name__}, which JSON cannot store") from None
+
+
 def save_cached(model: keras.Model, record: dict, path: Path) -> None:
     """Save a model and its JSON record into the cache (notebooks 01-08).
 
@@ -142,7 +153,16 @@ def save_cached(model: keras.Model, record: dict, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.keras")
     model.save(tmp)
     tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    path.with_suffix(".json").write_text(json.dumps(record, indent=1, default=_json_value))
+
+
+def load_cached(path: Path, compile: bool = True):
+    """(model, record) from a cache entry that save_cached completed, or None."""
+    path = Path(path)
+    record_path = path.with_suffix(".json")
+    if path.is_file() and record_path.is_file():
+        return keras.models.load_model(path, compile=compile), json.loads(record_path.read_text())
+    return None
 
 
 def clone_with_weights(model: keras.Model) -> keras.Model:

@@ -369,22 +369,18 @@ class PipelineRun:
 def _cached_model(path: Path, build: Callable, meta: dict, run: PipelineRun, stage: str):
     """Load `path` if present, else build, save (atomically) and note the time it took."""
     import time
-    import tf_keras as keras
-    info_path = path.with_suffix(".json")
-    if path.is_file() and info_path.is_file():
+    from labkit import models
+    if (cached := models.load_cached(path, compile=False)) is not None:
+        model, record = cached
         run.seconds[stage] = 0.0
-        run.val_accuracy[stage] = json.loads(info_path.read_text())["val_accuracy"]
-        return keras.models.load_model(path, compile=False)
+        run.val_accuracy[stage] = record["val_accuracy"]
+        return model
     start = time.perf_counter()
     model = build()
     run.seconds[stage] = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
     run.val_accuracy[stage] = meta["val_accuracy"](model)
-    info_path.write_text(json.dumps({"val_accuracy": run.val_accuracy[stage], "seconds": run.seconds[stage],
-                                     "config": asdict(run.config)}, indent=1, default=list))
+    models.save_cached(model, {"val_accuracy": run.val_accuracy[stage], "seconds": run.seconds[stage],
+                               "config": asdict(run.config)}, path)
     return model
 
 

@@ -85,16 +85,11 @@ def cached(name: str, settings: dict, make, directory: Path = PRUNING_DIR):
     """
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     path = Path(directory) / f"{name}-{key}.keras"
-    info_path = path.with_suffix(".json")
-    if path.is_file() and info_path.is_file():
-        return keras.models.load_model(path), json.loads(info_path.read_text())
+    if (cached := models.load_cached(path)) is not None:
+        return cached
     model, info = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.keras")  # an interrupted save never leaves half a model
-    model.save(tmp)
-    tmp.replace(path)
     info = {"settings": settings, **info}
-    info_path.write_text(json.dumps(info, indent=1, default=float))
+    models.save_cached(model, info, path)
     return model, info
 
 

@@ -286,15 +286,13 @@ def cluster(model, k: int, preserve_sparsity: bool) -> keras.Model:
 
 def load_or_prune(parent, sparsity: float, splits, plan: FineTune, directory: Path, progress: bool = False):
     """prune(), cached under `directory` by the parent's weights, the sparsity and the plan."""
-    blob = json.dumps({"parent": weights_key(parent), "sparsity": sparsity, "plan": asdict(plan)}, sort_keys=True)
+    settings = {"parent": weights_key(parent), "sparsity": sparsity, "plan": asdict(plan)}
+    blob = json.dumps(settings, sort_keys=True)
     path = Path(directory) / f"pruned-s{round(100 * sparsity)}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.keras"
-    if path.is_file():
-        return keras.models.load_model(path, compile=False)
+    if (cached := models.load_cached(path, compile=False)) is not None:
+        return cached[0]
     model = prune(parent, sparsity, splits, plan, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
+    models.save_cached(model, settings, path)
     return model
 
 
@@ -420,7 +418,8 @@ def optimize(study, evaluate, n_trials: int, accuracy_floor: float, space: Searc
     val_accuracy and the OBJECTIVES. Optuna commits each finished trial to the storage at once."""
     n_trials, accuracy_floor = check_budget(n_trials), check_floor(accuracy_floor)
     done = len(finished(study))
-    bar = labkit.progress_bar(total=n_trials, initial=min(done, n_trials), desc="search trials", unit="trial", disable=not progress)
+    bar = labkit.progress_bar(total=n_trials, initial=min(done, n_trials), desc="search trials", unit="trial",
+                              disable=not progress)
 
     def objective(trial):
         settings = space.suggest(trial)

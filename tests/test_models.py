@@ -26,6 +26,20 @@ def test_cache_is_reused_and_keyed_by_config(tmp_path, tiny_config, splits):
     assert other.key() != tiny_config.key()
 
 
+def test_cache_entry_counts_only_when_complete(tmp_path, tiny_model):
+    path = tmp_path / "entry.keras"
+    assert models.load_cached(path) is None
+    models.save_cached(tiny_model, {"accuracy": np.float32(0.5), "shape": np.arange(3), "sizes": (1, 2)}, path)
+    assert not list(tmp_path.glob("*.tmp.keras"))
+    model, record = models.load_cached(path, compile=False)
+    assert record == {"accuracy": 0.5, "shape": [0, 1, 2], "sizes": [1, 2]}
+    assert model.count_params() == tiny_model.count_params()
+    path.with_suffix(".json").unlink()   # a save cut short before its record: not an entry
+    assert models.load_cached(path) is None
+    with pytest.raises(TypeError, match="JSON cannot store"):
+        models.save_cached(tiny_model, {"bad": object()}, tmp_path / "bad.keras")
+
+
 def test_baseline_architecture():
     model = models.build_baseline()
     names = [layer.name for layer in model.layers]
