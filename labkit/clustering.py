@@ -7,8 +7,6 @@ clustering with fine-tuning, honest sizes, and clustering that keeps a pruned mo
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -309,7 +307,7 @@ class ClusterConfig:
     start: str = "baseline-" + models.BaselineConfig().key()   # the cache name of the model clustered
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        return models.settings_key(asdict(self))
 
     @property
     def name(self) -> str:
@@ -362,7 +360,7 @@ class PruneConfig:
     start: str = "baseline-" + models.BaselineConfig().key()
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        return models.settings_key(asdict(self))
 
     @property
     def name(self) -> str:

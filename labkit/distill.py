@@ -15,8 +15,6 @@ and ``benchmark()`` (``python -m labkit.distill``), which prints the issue's tar
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -74,8 +72,7 @@ class StudentConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
     def key(self, teacher_key: str = models.BaselineConfig().key()) -> str:
-        blob = json.dumps({**asdict(self), "teacher": teacher_key}, sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+        return models.settings_key({**asdict(self), "teacher": teacher_key})
 
     @property
     def name(self) -> str:

@@ -16,8 +16,6 @@ sweep, fine-tuning the chosen ranks, and ``benchmark()`` (``python -m labkit.low
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -181,7 +179,7 @@ def load_or_fine_tune(model, ranks: dict, splits, *, epochs: int = 1, train_subs
     settings = {"ranks": dict(sorted(ranks.items())), "epochs": epochs, "train_subset": train_subset,
                 "learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
                 "start": "baseline-" + models.BaselineConfig().key()}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    key = models.settings_key(settings)
     name = "lowrank-" + "-".join(f"{layer}r{rank}" for layer, rank in sorted(ranks.items()))
     path = Path(directory) / f"{name}-{key}.keras"
     if (cached := models.load_cached(path, compile=False)) is not None:

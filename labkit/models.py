@@ -32,8 +32,7 @@ class BaselineConfig:
     train_subset: int | None = None  # tests train on a few images; the book uses them all
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+        return settings_key(asdict(self))
 
 
 def build_baseline(config: BaselineConfig = BaselineConfig()) -> keras.Model:
@@ -140,6 +139,17 @@ def _json_value(value):
         return list(value)
     except TypeError:
         raise TypeError(f"a cache record holds a {type(value).__name__}, which JSON cannot store") from None
+
+
+def settings_key(settings) -> str:
+    """Ten hex digits that name a cache entry: a hash of its settings as JSON with sorted keys."""
+    def key_value(value):
+        try:
+            return _json_value(value)
+        except TypeError:
+            return str(value)
+    blob = json.dumps(settings, sort_keys=True, default=key_value)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def save_cached(model: keras.Model, record: dict, path: Path) -> None:

@@ -18,7 +18,6 @@ re-run, or the build-your-own panel of labkit.widgets, never trains the same thi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -82,11 +81,10 @@ class PipelineConfig:
         fields["final"] = fields["clustered"] + ["quantization", "qat_epochs", "qat_subset"]
         if stage not in fields:
             raise ValueError(f"stage must be one of {list(fields)}, got {stage!r}")
-        from labkit.models import BaselineConfig
+        from labkit.models import BaselineConfig, settings_key
         settings = {name: getattr(self, name) for name in fields[stage]}
         settings["baseline"] = BaselineConfig().key()
-        blob = json.dumps(settings, sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+        return settings_key(settings)
 
     @property
     def sparsity_of(self) -> dict:

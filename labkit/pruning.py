@@ -17,8 +17,6 @@ they are 0.2% of the baseline's parameters.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,8 +81,7 @@ def cached(name: str, settings: dict, make, directory: Path = PRUNING_DIR):
     The key hashes `settings`, so changing any setting trains a new model; re-running a notebook
     with the same settings loads the file instead of training again.
     """
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    path = Path(directory) / f"{name}-{key}.keras"
+    path = Path(directory) / f"{name}-{models.settings_key(settings)}.keras"
     if (cached := models.load_cached(path)) is not None:
         return cached
     model, info = make()
@@ -622,8 +619,8 @@ def polynomial_schedules(targets: dict, plan: FineTune) -> dict:
 def cached_sweep(baseline, splits, sparsities=SWEEP_SPARSITIES, baseline_key: str = "",
                  progress: bool = True) -> pd.DataFrame:
     """sensitivity_sweep on the validation split, saved as CSV under artifacts/pruning/."""
-    settings = json.dumps({"baseline": baseline_key, "sparsities": list(sparsities)}, sort_keys=True)
-    path = PRUNING_DIR / f"sensitivity-{hashlib.sha256(settings.encode()).hexdigest()[:10]}.csv"
+    key = models.settings_key({"baseline": baseline_key, "sparsities": list(sparsities)})
+    path = PRUNING_DIR / f"sensitivity-{key}.csv"
     if path.is_file():
         return pd.read_csv(path)
     sweep = sensitivity_sweep(baseline, splits.x_val, splits.y_val, sparsities, progress=progress)

@@ -16,7 +16,6 @@ codes; weights symmetric (zero point 0) on the narrow range [-127, 127]; activat
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -563,8 +562,7 @@ class QATConfig:
     train_subset: int | None = None
 
     def key(self, baseline_key: str = "") -> str:
-        blob = json.dumps({**asdict(self), "baseline": baseline_key}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+        return models.settings_key({**asdict(self), "baseline": baseline_key})
 
 
 def quantize_aware(model):

@@ -287,8 +287,7 @@ def cluster(model, k: int, preserve_sparsity: bool) -> keras.Model:
 def load_or_prune(parent, sparsity: float, splits, plan: FineTune, directory: Path, progress: bool = False):
     """prune(), cached under `directory` by the parent's weights, the sparsity and the plan."""
     settings = {"parent": weights_key(parent), "sparsity": sparsity, "plan": asdict(plan)}
-    blob = json.dumps(settings, sort_keys=True)
-    path = Path(directory) / f"pruned-s{round(100 * sparsity)}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.keras"
+    path = Path(directory) / f"pruned-s{round(100 * sparsity)}-{models.settings_key(settings)}.keras"
     if (cached := models.load_cached(path, compile=False)) is not None:
         return cached[0]
     model = prune(parent, sparsity, splits, plan, progress)
@@ -318,9 +317,9 @@ def build(settings: Settings, parents: dict, splits, plan: FineTune = FineTune()
     if isinstance(float_layers, dict):
         float_layers = float_layers.get(settings.model, ())
     float_layers = [name for name in float_layers if name in weight_layers(parent)]
-    blob = json.dumps({"settings": asdict(settings), "plan": asdict(plan), "float_layers": float_layers,
-                       "parent": weights_key(parent)}, sort_keys=True)
-    path = Path(directory) / f"{settings.name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.tflite"
+    key = models.settings_key({"settings": asdict(settings), "plan": asdict(plan), "float_layers": float_layers,
+                               "parent": weights_key(parent)})
+    path = Path(directory) / f"{settings.name}-{key}.tflite"
     record_path = path.with_suffix(".json")
     if path.is_file() and record_path.is_file():
         return {**json.loads(record_path.read_text()), "artifact": str(path), "build_seconds": 0.0}
@@ -463,11 +462,10 @@ def run_search(parents: dict, splits, *, n_trials: int = 12, accuracy_floor: flo
     if missing:
         raise ValueError(f"the space names models {sorted(missing)} that are not among the parents {sorted(parents)}")
     if study_name is None:
-        blob = json.dumps({"space": asdict(space), "plan": asdict(plan), "floor": accuracy_floor,
-                           "float_layers": float_layers if isinstance(float_layers, dict) else sorted(float_layers),
-                           "parents": {name: weights_key(m) for name, m in sorted(parents.items())}},
-                          sort_keys=True, default=list)
-        study_name = "search-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+        study_name = "search-" + models.settings_key(
+            {"space": asdict(space), "plan": asdict(plan), "floor": accuracy_floor,
+             "float_layers": float_layers if isinstance(float_layers, dict) else sorted(float_layers),
+             "parents": {name: weights_key(m) for name, m in sorted(parents.items())}})
     study = open_study(study_name, storage)
     timing_images = splits.x_val[:100]
 

@@ -26,6 +26,15 @@ def test_cache_is_reused_and_keyed_by_config(tmp_path, tiny_config, splits):
     assert other.key() != tiny_config.key()
 
 
+def test_settings_key_names_the_settings_not_their_order(tmp_path):
+    key = models.settings_key({"sparsity": 0.5, "layers": ("conv2", "dense1")})
+    assert len(key) == 10 and key == models.settings_key({"layers": ["conv2", "dense1"], "sparsity": 0.5})
+    assert key != models.settings_key({"sparsity": 0.6, "layers": ("conv2", "dense1")})
+    assert models.settings_key({"x": np.float32(0.5)}) == models.settings_key({"x": 0.5})
+    assert models.settings_key({"dir": tmp_path}) == models.settings_key({"dir": str(tmp_path)})
+    assert models.BaselineConfig().key() == models.settings_key(models.asdict(models.BaselineConfig()))
+
+
 def test_cache_entry_counts_only_when_complete(tmp_path, tiny_model):
     path = tmp_path / "entry.keras"
     assert models.load_cached(path) is None
