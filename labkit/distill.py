@@ -171,23 +171,17 @@ def teacher_logits(teacher, x: np.ndarray, *, name: str = "train",
 # ============================================================================ 4. training a student
 
 def fit_student(model, x, y, logits, config: StudentConfig, progress: bool = True, callbacks=()) -> dict:
-    """Deterministic fit on the distillation loss (cosine decay, as models.train); alpha=0 is labels only.
+    """models.train on the distillation loss (deterministic, cosine decay); alpha=0 is labels only.
 
     Any model with logits out can be the student: the search in notebook 08 fine-tunes its
     factored, pruned variants with it.
     """
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
-    steps = config.epochs * int(np.ceil(len(x) / config.batch_size))
-    rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
-    model.compile(optimizer=keras.optimizers.Adam(rate),
-                  loss=DistillationLoss(config.temperature, config.alpha), metrics=[packed_accuracy])
-    callbacks = list(callbacks) + ([models.TqdmCallback(steps, config.name)] if progress else [])
-    start = time.perf_counter()
-    history = model.fit(x, pack_targets(y, logits), epochs=config.epochs, batch_size=config.batch_size,
-                        shuffle=True, callbacks=callbacks, verbose=0)
-    return {"history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
-            "train_seconds": time.perf_counter() - start}
+    fit = models.train(model, x, pack_targets(y, logits), epochs=config.epochs, batch_size=config.batch_size,
+                       learning_rate=config.learning_rate, seed=config.seed, progress=progress,
+                       callbacks=list(callbacks), loss=DistillationLoss(config.temperature, config.alpha),
+                       metrics=[packed_accuracy], description=config.name)
+    return {"history": {k: [float(v) for v in vs] for k, vs in fit["history"].items()},
+            "train_seconds": fit["train_seconds"]}
 
 
 def load_or_train_student(config: StudentConfig, splits, teacher=None, *, directory: Path = DISTILL_DIR,

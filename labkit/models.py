@@ -55,13 +55,14 @@ def build_baseline(config: BaselineConfig = BaselineConfig()) -> keras.Model:
     return keras.Model(inputs, outputs, name="baseline_cnn")
 
 
-def compile_for_training(model: keras.Model, learning_rate, decay_steps: int | None = None) -> keras.Model:
-    """Adam on logits; with decay_steps, the rate follows a cosine from learning_rate down to 0."""
+def compile_for_training(model: keras.Model, learning_rate, decay_steps: int | None = None,
+                         loss=None, metrics=None) -> keras.Model:
+    """Adam, by default on logits against labels; with decay_steps, the rate follows a cosine to 0."""
     if decay_steps:
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+                  loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=metrics or ["accuracy"])
     return model
 
 
@@ -86,15 +87,20 @@ class TqdmCallback(keras.callbacks.Callback):
 
 def train(model: keras.Model, x, y, *, epochs: int, batch_size: int, learning_rate: float,
           seed: int = 0, x_val=None, y_val=None, progress: bool = True,
-          callbacks: list | None = None, cosine_decay: bool = True) -> dict:
-    """Deterministic fit (fixed seeds, op determinism); returns the history and the time taken."""
+          callbacks: list | None = None, cosine_decay: bool = True, loss=None, metrics=None,
+          description: str = "training") -> dict:
+    """Deterministic fit (fixed seeds, op determinism); returns the history and the time taken.
+
+    `loss` and `metrics` replace cross-entropy on logits and accuracy (distillation passes its own).
+    """
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     steps = epochs * int(np.ceil(len(x) / batch_size))
-    compile_for_training(model, learning_rate, decay_steps=steps if cosine_decay else None)
+    compile_for_training(model, learning_rate, decay_steps=steps if cosine_decay else None,
+                         loss=loss, metrics=metrics)
     callbacks = list(callbacks or [])
     if progress:
-        callbacks.append(TqdmCallback(steps))
+        callbacks.append(TqdmCallback(steps, description))
     validation = (x_val, y_val) if x_val is not None else None
     start = time.perf_counter()
     history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True,
