@@ -324,14 +324,12 @@ def _cached(path: Path, build):
 
 
 def _fine_tune(model, config, splits, callbacks=None, progress=True) -> dict:
-    x, y = splits.x_train, splits.y_train
-    if config.train_subset is not None:
-        x, y = x[:config.train_subset], y[:config.train_subset]
+    x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]   # None: all
     fit = models.train(model, x, y, epochs=config.epochs, batch_size=config.batch_size,
                        learning_rate=config.learning_rate, seed=config.seed,
                        x_val=splits.x_val, y_val=splits.y_val, progress=progress, callbacks=callbacks)
     return {"config": asdict(config), "train_seconds": fit["train_seconds"],
-            "history": {k: [float(v) for v in vs] for k, vs in fit["history"].items()},
+            "history": fit["history"],
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

@@ -176,12 +176,10 @@ def fit_student(model, x, y, logits, config: StudentConfig, progress: bool = Tru
     Any model with logits out can be the student: the search in notebook 08 fine-tunes its
     factored, pruned variants with it.
     """
-    fit = models.train(model, x, pack_targets(y, logits), epochs=config.epochs, batch_size=config.batch_size,
-                       learning_rate=config.learning_rate, seed=config.seed, progress=progress,
-                       callbacks=list(callbacks), loss=DistillationLoss(config.temperature, config.alpha),
-                       metrics=[packed_accuracy], description=config.name)
-    return {"history": {k: [float(v) for v in vs] for k, vs in fit["history"].items()},
-            "train_seconds": fit["train_seconds"]}
+    return models.train(model, x, pack_targets(y, logits), epochs=config.epochs, batch_size=config.batch_size,
+                        learning_rate=config.learning_rate, seed=config.seed, progress=progress,
+                        callbacks=list(callbacks), loss=DistillationLoss(config.temperature, config.alpha),
+                        metrics=[packed_accuracy], description=config.name)
 
 
 def load_or_train_student(config: StudentConfig, splits, teacher=None, *, directory: Path = DISTILL_DIR,
@@ -191,9 +189,7 @@ def load_or_train_student(config: StudentConfig, splits, teacher=None, *, direct
     path = Path(directory) / f"{config.name}-{config.key(teacher_key)}.keras"
     if (cached := models.load_cached(path, compile=False)) is not None:
         return cached
-    x, y = splits.x_train, splits.y_train
-    if config.train_subset is not None:
-        x, y = x[:config.train_subset], y[:config.train_subset]
+    x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]   # None: all
     if config.alpha > 0:
         if teacher is None:
             teacher, _ = models.load_or_train_baseline()

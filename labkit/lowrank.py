@@ -186,9 +186,7 @@ def load_or_fine_tune(model, ranks: dict, splits, *, epochs: int = 1, train_subs
         return cached
     factored = factorize(model, ranks)
     one_shot = measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val)
-    x, y = splits.x_train, splits.y_train
-    if train_subset is not None:
-        x, y = x[:train_subset], y[:train_subset]
+    x, y = splits.x_train[:train_subset], splits.y_train[:train_subset]   # None: all
     fit = models.train(factored, x, y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                        seed=seed, progress=progress)
     record = {"name": name, "key": key, "settings": settings, "train_seconds": fit["train_seconds"],

@@ -89,7 +89,7 @@ def train(model: keras.Model, x, y, *, epochs: int, batch_size: int, learning_ra
           seed: int = 0, x_val=None, y_val=None, progress: bool = True,
           callbacks: list | None = None, cosine_decay: bool = True, loss=None, metrics=None,
           description: str = "training") -> dict:
-    """Deterministic fit (fixed seeds, op determinism); returns the history and the time taken.
+    """Deterministic fit (fixed seeds, op determinism); returns the history (floats) and the time taken.
 
     `loss` and `metrics` replace cross-entropy on logits and accuracy (distillation passes its own).
     """
@@ -105,7 +105,8 @@ def train(model: keras.Model, x, y, *, epochs: int, batch_size: int, learning_ra
     start = time.perf_counter()
     history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True,
                         validation_data=validation, callbacks=callbacks, verbose=0)
-    return {"history": history.history, "train_seconds": time.perf_counter() - start}
+    return {"history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+            "train_seconds": time.perf_counter() - start}
 
 
 def model_path(name: str, config: BaselineConfig, directory: Path = ARTIFACTS_DIR) -> Path:
@@ -121,15 +122,13 @@ def load_or_train_baseline(config: BaselineConfig = BaselineConfig(), splits=Non
     if splits is None:
         from labkit.data import load_mnist
         splits = load_mnist()
-    x, y = splits.x_train, splits.y_train
-    if config.train_subset is not None:
-        x, y = x[:config.train_subset], y[:config.train_subset]
+    x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]   # None: all
     model = build_baseline(config)
     fit = train(model, x, y, epochs=config.epochs, batch_size=config.batch_size,
                 learning_rate=config.learning_rate, seed=config.seed,
                 x_val=splits.x_val, y_val=splits.y_val, progress=progress)
     record = {"config": asdict(config), "train_seconds": fit["train_seconds"],
-              "history": {k: [float(v) for v in vs] for k, vs in fit["history"].items()},
+              "history": fit["history"],
               "tensorflow": tf.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     save_cached(model, record, path)
     return model, record

@@ -185,7 +185,7 @@ def fine_tune(model, splits, plan: FineTune = FineTune(), progress: bool = True,
                        learning_rate=plan.learning_rate, seed=plan.seed, progress=progress,
                        callbacks=callbacks)
     return {"train_seconds": fit["train_seconds"], "trace": trace.rows,
-            "history": {k: [float(v) for v in vs] for k, vs in fit["history"].items()}}
+            "history": fit["history"]}
 
 
 def strip(model):

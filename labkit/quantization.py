@@ -409,7 +409,8 @@ def weight_tensors(path) -> list:
             index = widened.get(index, index)
             t = details[index]
             q = t["quantization_parameters"]
-            out.append({"op_index": op_index, "op": op["op_name"], "name": t["name"], "role": role, "dtype": np.dtype(t["dtype"]),
+            out.append({"op_index": op_index, "op": op["op_name"], "name": t["name"], "role": role,
+                        "dtype": np.dtype(t["dtype"]),
                         "shape": tuple(int(s) for s in t["shape"]), "scales": q["scales"],
                         "zero_points": q["zero_points"], "quantized_dimension": q["quantized_dimension"],
                         "values": interpreter.get_tensor(index),
@@ -622,16 +623,14 @@ def load_or_train_qat(model, splits, config: QATConfig = QATConfig(),
     if weights_path.is_file() and record_path.is_file():
         qat_model.load_weights(weights_path)
         return qat_model, json.loads(record_path.read_text())
-    x, y = splits.x_train, splits.y_train
-    if config.train_subset is not None:
-        x, y = x[:config.train_subset], y[:config.train_subset]
+    x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]   # None: all
     if config.seed_ranges:
         seed_activation_ranges(qat_model, model, x[:config.calibration_size])
     fit = models.train(qat_model, x, y, epochs=config.epochs, batch_size=config.batch_size,
                        learning_rate=config.learning_rate, seed=config.seed, progress=progress)
     record = {"config": asdict(config), "baseline": baseline_config.key(),
               "train_seconds": fit["train_seconds"],
-              "history": {k: [float(v) for v in vs] for k, vs in fit["history"].items()},
+              "history": fit["history"],
               "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights_path.with_name(f"qat-{key}.tmp.weights.h5")

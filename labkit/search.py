@@ -256,9 +256,7 @@ def prunable(model) -> list:
 def prune(model, sparsity: float, splits, plan: FineTune = FineTune(), progress: bool = False):
     """tfmot magnitude pruning of the large layers while fine-tuning; returns the stripped model."""
     import tensorflow_model_optimization as tfmot
-    x, y = splits.x_train, splits.y_train
-    if plan.train_subset is not None:
-        x, y = x[:plan.train_subset], y[:plan.train_subset]
+    x, y = splits.x_train[:plan.train_subset], splits.y_train[:plan.train_subset]   # None: all
     steps = plan.epochs * int(np.ceil(len(x) / plan.batch_size))
     # reach the target halfway, then let the surviving weights settle
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, 0, max(steps // 2, 1),
