@@ -24,23 +24,29 @@ MiB = 1024 * KiB
 
 
 @contextmanager
+def redirect_stderr(target):
+    """Send the process's stderr (file descriptor 2) to an open file `target` for the block."""
+    import sys
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(target.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextmanager
 def quiet_stderr():
     """Silence the process's stderr (file descriptor 2) for the block.
 
     TensorFlow 2.21 and LiteRT print C++ start-up lines (oneDNN, CUDA probes, "Created
     XNNPACK delegate") before any log level is read, so TF_CPP_MIN_LOG_LEVEL cannot hide them.
     """
-    import sys
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
+    with open(os.devnull, "w") as devnull, redirect_stderr(devnull):
         yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 # C++ lines that TensorFlow and LiteRT print straight to file descriptor 2 and that say nothing

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import psutil
 
+from labkit import tflite
+
 
 # ----------------------------------------------------------------------------- the machine
 
@@ -98,22 +100,6 @@ def tf_function(model, name: str = "tf.function", jit_compile: bool = False) -> 
                   "a traced graph called from Python (one dispatch per call), plus .numpy()")
 
 
-def check_tflite(path) -> Path:
-    """The path, if it is a .tflite flatbuffer; FileNotFoundError or ValueError saying what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No .tflite file at {path}. Convert one first (labkit.models.save_tflite).")
-    if not path.is_file():
-        raise ValueError(f"{path} is a directory, but a .tflite model is one file "
-                         "(a directory with saved_model.pb is a SavedModel: use measure.saved_model).")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[4:8] != b"TFL3":
-        raise ValueError(f"{path} is not a TFLite model: a .tflite flatbuffer carries the identifier "
-                         f"b'TFL3' at bytes 4-8, this file has {head[4:8]!r}.")
-    return path
-
-
 def check_saved_model(path) -> Path:
     """The path, if it is a SavedModel directory; FileNotFoundError or ValueError saying what is wrong."""
     from google.protobuf.message import DecodeError
@@ -160,7 +146,7 @@ class LiteRTModel:
 
     def __init__(self, path, num_threads: int | None = None, xnnpack: bool = True):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
-        self.path = check_tflite(path)
+        self.path = tflite.check(path)
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             with labkit.quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate"
@@ -306,6 +292,40 @@ def measure_throughput(runners, images: np.ndarray, batch_size: int = 256, round
     return pd.Series({name: float(np.median(r)) for name, r in rates.items()}, name="throughput_ips")
 
 
+def side_by_side(paths: dict, x: np.ndarray, y: np.ndarray, *, latency_images: np.ndarray,
+                 reference: str | None = None, repeats: int = 300, warmup: int = 20,
+                 threads: int = 1) -> tuple[pd.DataFrame, Latency]:
+    """Several .tflite files measured in one run: accuracy on (x, y), size, gzip size, batch-1 latency.
+
+    `paths` is {label: .tflite path}. All latencies come from one interleaved loop, so their ratios
+    are fair; with `reference` (a label) the table adds gzip_ratio and speedup_p50 against it.
+    Returns (table indexed by label, the Latency samples).
+    """
+    if reference is not None and reference not in paths:
+        raise ValueError(f"reference {reference!r} is not among the labels {list(paths)}")
+    runners = [litert(path, num_threads=threads, name=label) for label, path in paths.items()]
+    latency = measure_latency(runners, latency_images, warmup=warmup, repeats=repeats)
+    rows = [{"variant": runner.name, "accuracy": accuracy(runner, x, y),
+             "size_bytes": size_bytes(paths[runner.name]), "gzip_bytes": gzip_bytes(paths[runner.name]),
+             "latency_p50_us": latency.p50(runner.name), "latency_p95_us": latency.p95(runner.name),
+             "artifact": str(paths[runner.name])} for runner in runners]
+    table = pd.DataFrame(rows).set_index("variant")
+    if reference is not None:
+        table["gzip_ratio"] = table.loc[reference, "gzip_bytes"] / table["gzip_bytes"]
+        table["speedup_p50"] = table.loc[reference, "latency_p50_us"] / table["latency_p50_us"]
+    return table, latency
+
+
+def verdicts(measured: dict, targets: dict) -> pd.DataFrame:
+    """One row per target: the measured figure, the target (a minimum) and whether it is met."""
+    missing = set(targets) - set(measured)
+    if missing:
+        raise ValueError(f"no measured figure for the targets {sorted(missing)}")
+    return pd.DataFrame([{"figure": name, "measured": float(measured[name]), "target": float(target),
+                          "met": bool(float(measured[name]) >= float(target))}
+                         for name, target in targets.items()])
+
+
 # ----------------------------------------------------------------------------- size
 
 def size_bytes(path) -> int:
@@ -410,42 +430,6 @@ def peak_rss_during(fn: Callable, *args, interval_s: float = 0.0005, **kwargs) -
         thread.join()
     peak[0] = max(peak[0], _rss())
     return {"rss_before_bytes": before, "rss_peak_bytes": peak[0], "rss_growth_bytes": peak[0] - before}
-
-
-def litert_arena_bytes(path) -> dict:
-    """Activation memory a LiteRT model needs: every non-constant tensor, and the peak of those alive at once.
-
-    LiteRT's arena planner places tensors whose lifetimes do not overlap in the same bytes,
-    so its arena sits between `planned_peak_bytes` (the best any plan can do) and
-    `all_activations_bytes` (no reuse at all).
-    """
-    from ai_edge_litert.interpreter import Interpreter
-    with labkit.quiet_stderr():
-        interpreter = Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
-    ops = interpreter._get_ops_details()
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    produced = {i for op in ops for i in op["outputs"]}
-    graph_inputs = {d["index"] for d in interpreter.get_input_details()}
-    activations = produced | graph_inputs
-
-    def nbytes(index):
-        t = tensors[index]
-        return int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
-
-    first = {i: -1 for i in graph_inputs}
-    last = {}
-    for step, op in enumerate(ops):
-        for i in op["outputs"]:
-            first.setdefault(i, step)
-        for i in op["inputs"]:
-            if i in activations:
-                last[i] = step
-    for d in interpreter.get_output_details():
-        last[d["index"]] = len(ops)
-    peak = max(sum(nbytes(i) for i in activations if first.get(i, -1) <= step <= last.get(i, first.get(i, -1)))
-               for step in range(len(ops)))
-    return {"all_activations_bytes": sum(nbytes(i) for i in activations), "planned_peak_bytes": peak}
 
 
 _LITERT_MEMORY_PROBE = r"""

@@ -1,7 +1,10 @@
-"""The baseline CNN: build, train deterministically, cache, export (notebook 01 and after).
+"""Models, the spine's part (notebook 01 and every notebook after it).
 
-Trained models are cached under artifacts/ keyed by their configuration, so a restarted
-kernel or a later notebook reuses them; a missing cache is rebuilt with the same seed.
+Owns: the one CNN builder (`build_cnn`, with or without batch norm), deterministic training
+(`train`) and the one fine-tune plan (`FineTune`, `fine_tune`), listing weight layers and kernels,
+the one model cache (`cached`: keyed by the settings *and* the input model's weights), the one
+atomic .tflite writer (`save_tflite`), and the baseline: trained once, cached, exported.
+Technique modules build on these; this module knows no technique.
 """
 from __future__ import annotations
 
@@ -35,24 +38,42 @@ class BaselineConfig:
         return settings_key(asdict(self))
 
 
-def build_baseline(config: BaselineConfig = BaselineConfig()) -> keras.Model:
-    """Conv+BatchNorm+ReLU blocks, then a dense head; logits out (no softmax)."""
-    if not config.conv_filters or any(f < 1 for f in config.conv_filters):
-        raise ValueError(f"conv_filters must be positive counts, got {config.conv_filters}")
-    keras.utils.set_random_seed(config.seed)
+def build_cnn(conv_filters=(32, 64), dense_units: int = 128, *, batchnorm: bool = True,
+              dropout: float = 0.25, seed: int = 0, name: str = "cnn") -> keras.Model:
+    """The book's one CNN: a conv block per entry of `conv_filters`, then a dense head; logits out.
+
+    With batch norm a block is conv{i} (no bias: the norm has its own shift) -> bn{i} -> relu{i} ->
+    pool{i}; without it, conv{i} carries a bias and its ReLU -> pool{i}. The head is flatten ->
+    dense1 (ReLU) -> dropout (when dropout > 0) -> logits (10 units, no softmax).
+    """
+    if not conv_filters or any(int(f) < 1 for f in conv_filters) or int(dense_units) < 1:
+        raise ValueError(f"conv_filters and dense_units must be positive counts, got {conv_filters} "
+                         f"and {dense_units}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout is a fraction in [0, 1), got {dropout}")
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input(shape=(28, 28, 1), name="image")
     x = inputs
-    for i, filters in enumerate(config.conv_filters, start=1):
-        # No conv bias: the batch norm that follows has its own shift (folded in notebook 05).
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
-        x = keras.layers.ReLU(name=f"relu{i}")(x)
+    for i, filters in enumerate(conv_filters, start=1):
+        if batchnorm:
+            x = keras.layers.Conv2D(int(filters), 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+            x = keras.layers.ReLU(name=f"relu{i}")(x)
+        else:
+            x = keras.layers.Conv2D(int(filters), 3, padding="same", activation="relu", name=f"conv{i}")(x)
         x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(config.dense_units, activation="relu", name="dense1")(x)
-    x = keras.layers.Dropout(config.dropout, seed=config.seed, name="dropout")(x)
+    x = keras.layers.Dense(int(dense_units), activation="relu", name="dense1")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
     outputs = keras.layers.Dense(10, name="logits")(x)
-    return keras.Model(inputs, outputs, name="baseline_cnn")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_baseline(config: BaselineConfig = BaselineConfig()) -> keras.Model:
+    """The baseline: Conv+BatchNorm+ReLU blocks, then a dense head (notebook 01)."""
+    return build_cnn(config.conv_filters, config.dense_units, batchnorm=True, dropout=config.dropout,
+                     seed=config.seed, name="baseline_cnn")
 
 
 def compile_for_training(model: keras.Model, learning_rate, decay_steps: int | None = None,
@@ -107,6 +128,95 @@ def train(model: keras.Model, x, y, *, epochs: int, batch_size: int, learning_ra
                         validation_data=validation, callbacks=callbacks, verbose=0)
     return {"history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
             "train_seconds": time.perf_counter() - start}
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """The one training plan for a fine-tune (pruning, clustering, QAT, low rank, search).
+
+    `train_subset` takes the first images of the training split (None: all 55,000); the rate
+    follows a cosine from `learning_rate` to 0 over all steps.
+    """
+    train_subset: int | None = None
+    epochs: int = 1
+    batch_size: int = 128
+    learning_rate: float = 5e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"train_subset is a number of images (or None: all), got {self.train_subset}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
+            raise ValueError("epochs and batch_size must be at least 1 and learning_rate positive, got "
+                             f"{self.epochs}, {self.batch_size}, {self.learning_rate}")
+
+    def subset(self, x, y):
+        return x[:self.train_subset], y[:self.train_subset]   # None: all
+
+    def steps(self, n_images: int) -> int:
+        n = n_images if self.train_subset is None else min(n_images, self.train_subset)
+        return self.epochs * int(np.ceil(n / self.batch_size))
+
+
+def fine_tune(model: keras.Model, splits, plan: FineTune = FineTune(), *, callbacks=(), progress: bool = True,
+              validation: bool = False, description: str = "fine-tune") -> dict:
+    """Train `model` (plain or tfmot-wrapped) by `plan` on the training split; the record of the run."""
+    x, y = plan.subset(splits.x_train, splits.y_train)
+    fit = train(model, x, y, epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
+                seed=plan.seed, x_val=splits.x_val if validation else None,
+                y_val=splits.y_val if validation else None, progress=progress, callbacks=list(callbacks),
+                description=description)
+    return {**fit, "plan": asdict(plan)}
+
+
+def progress_callback(stage: str, steps: int, on_progress) -> keras.callbacks.Callback:
+    """A Keras callback that reports `on_progress(stage, fraction_done)` (a widget's progress bar)."""
+    class Progress(keras.callbacks.Callback):
+        done = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.done += 1
+            if self.done % 10 == 0 or self.done == steps:
+                on_progress(stage, min(self.done / max(steps, 1), 1.0))
+    return Progress()
+
+
+# ----------------------------------------------------------------------------- layers and kernels
+
+def _unwrap(layer):
+    """The Keras layer inside tfmot wrappers (pruning, clustering, QAT), or the layer itself."""
+    while hasattr(layer, "layer"):
+        layer = layer.layer
+    return layer
+
+
+WEIGHT_LAYER_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+
+
+def weight_layers(model: keras.Model, min_weights: int = 0) -> list[str]:
+    """Names of the Conv2D, DepthwiseConv2D and Dense layers whose kernel has >= min_weights entries."""
+    names = []
+    for wrapper in model.layers:
+        layer = _unwrap(wrapper)
+        if isinstance(layer, WEIGHT_LAYER_TYPES):
+            kernel_ = layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D) else layer.kernel
+            if int(np.prod(kernel_.shape)) >= min_weights:
+                names.append(wrapper.name)
+    return names
+
+
+def kernel(model: keras.Model, name: str) -> np.ndarray:
+    """The kernel of layer `name` as a NumPy array (through any tfmot wrapper)."""
+    try:
+        layer = _unwrap(model.get_layer(name))
+    except ValueError:
+        raise ValueError(f"no layer named {name!r}; the weight layers are {weight_layers(model)}") from None
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return layer.depthwise_kernel.numpy()
+    if not hasattr(layer, "kernel"):
+        raise ValueError(f"layer {name!r} is a {type(layer).__name__}, which has no kernel; "
+                         f"the weight layers are {weight_layers(model)}")
+    return layer.kernel.numpy()
 
 
 def model_path(name: str, config: BaselineConfig, directory: Path = ARTIFACTS_DIR) -> Path:
@@ -168,7 +278,7 @@ def save_cached(model: keras.Model, record: dict, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.keras")
     model.save(tmp)
     tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(record, indent=1, default=_json_value))
+    _write_json_atomically(record, path.with_suffix(".json"))
 
 
 def load_cached(path: Path, compile: bool = True):
@@ -187,15 +297,101 @@ def clone_with_weights(model: keras.Model) -> keras.Model:
     return copy
 
 
-def save_tflite(model_or_converter, path: Path) -> Path:
-    """Convert a Keras model (float32, no optimizations) or a ready converter to a .tflite file."""
-    if isinstance(model_or_converter, keras.Model):
-        converter = tf.lite.TFLiteConverter.from_keras_model(model_or_converter)
+def weights_key(obj) -> str:
+    """Ten hex digits naming what a cache entry was built from: a Keras model's weights, a file's bytes.
+
+    Two models with the same settings but different weights get different keys, so a cache never
+    hands back an artifact built from another model. A str that is not a file is hashed as it is.
+    """
+    digest = hashlib.sha256()
+    if isinstance(obj, keras.Model):
+        for w in obj.get_weights():
+            digest.update(str(w.shape).encode())
+            digest.update(np.ascontiguousarray(w).tobytes())
+    elif isinstance(obj, Path) or (isinstance(obj, str) and Path(obj).is_file()):
+        digest.update(Path(obj).read_bytes())
+    elif isinstance(obj, str):
+        digest.update(obj.encode())
     else:
-        converter = model_or_converter
+        raise TypeError(f"a cache input is a Keras model, a file path or a string, got {type(obj).__name__}")
+    return digest.hexdigest()[:10]
+
+
+def _write_json_atomically(record: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=_json_value))
+    tmp.replace(path)
+
+
+def cached(name: str, settings: dict, inputs, build, directory: Path, *, kind: str = "keras"):
+    """The one model cache: (artifact, record) from `directory`, or built now and stored.
+
+    The key hashes `settings` and the weights of every input model (or the bytes of every input
+    file), so a change to either builds a new entry. `build()` returns (artifact, record):
+    kind="keras": a Keras model, stored as <name>-<key>.keras; kind="tflite": a Keras model, a
+    TFLiteConverter or bytes, stored as <name>-<key>.tflite and returned as its path. The record is
+    saved beside it as JSON, written last: an entry counts only when both files exist.
+    """
+    if kind not in ("keras", "tflite"):
+        raise ValueError(f"kind must be 'keras' or 'tflite', got {kind!r}")
+    inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    input_keys = [weights_key(i) for i in inputs]
+    key = settings_key({"settings": settings, "inputs": input_keys})
+    path = Path(directory) / f"{name}-{key}.{kind}"
+    record_path = path.with_suffix(".json")
+    if path.exists() and record_path.is_file():
+        record = {**json.loads(record_path.read_text()), "cached": True}
+        if kind == "tflite":
+            return path, record
+        return keras.models.load_model(path, compile=False), record
+    start = time.perf_counter()
+    artifact, record = build()
+    record = {**(record or {}), "settings": settings, "inputs": input_keys}
+    if kind == "tflite":
+        save_tflite(artifact, path)   # a converter converts here: part of the build time
+        record["build_seconds"] = time.perf_counter() - start
+        _write_json_atomically(record, record_path)
+        return path, {**record, "cached": False}
+    record["build_seconds"] = time.perf_counter() - start
+    save_cached(artifact, record, path)
+    return artifact, {**record, "cached": False}
+
+
+def save_tflite(source, path: Path) -> Path:
+    """The one .tflite writer: a Keras model (plain float32), a ready TFLiteConverter, or bytes.
+
+    The file appears whole or not at all (written under a temporary name, then renamed). The
+    converter's C++ log lines are kept out of the notebook, but when a conversion fails they are
+    attached to the error, since they usually say which op or setting it could not handle.
+    """
+    import tempfile
+    import warnings
+    if isinstance(source, keras.Model):
+        source = tf.lite.TFLiteConverter.from_keras_model(source)
+    if isinstance(source, (bytes, bytearray)):
+        content = bytes(source)
+    elif hasattr(source, "convert"):
+        with tempfile.TemporaryFile() as log, warnings.catch_warnings():
+            # int8 input without "quantized input stats" is expected: the ranges come from
+            # calibration or from quantization-aware training
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+            try:
+                with labkit.redirect_stderr(log):
+                    content = source.convert()
+            except Exception as error:
+                log.seek(0)
+                lines = log.read().decode(errors="replace").strip().splitlines()
+                detail = "\n".join(lines[-40:])
+                raise RuntimeError(f"the TFLite conversion for {path} failed: {error}\n"
+                                   f"The converter said:\n{detail}") from error
+    else:
+        raise TypeError(f"save_tflite takes a Keras model, a TFLiteConverter or bytes, "
+                        f"got {type(source).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(converter.convert())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(content)
+    tmp.replace(path)
     return path
 
 
@@ -208,7 +404,9 @@ def export_baseline(model: keras.Model, config: BaselineConfig = BaselineConfig(
              "tflite": keras_path.with_name(keras_path.stem + "_float32.tflite")}
     if not keras_path.is_file():
         keras_path.parent.mkdir(parents=True, exist_ok=True)
-        model.save(keras_path)
+        tmp = keras_path.with_name(keras_path.stem + ".tmp.keras")
+        model.save(tmp)
+        tmp.replace(keras_path)
     if not (paths["savedmodel"] / "saved_model.pb").is_file():
         tf.saved_model.save(model, str(paths["savedmodel"]))
     if not paths["tflite"].is_file():

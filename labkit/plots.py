@@ -1,4 +1,7 @@
-"""Plots the notebooks and the book report share. Each returns its matplotlib Figure."""
+"""Plots the notebooks, the explorer and the book report share (the spine draws; techniques do not).
+
+Each function returns its matplotlib Figure.
+"""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -40,5 +43,63 @@ def tradeoff(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy"
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(f"{title} (marker area: {size})")
+    fig.tight_layout()
+    return fig
+
+
+def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy", size: str = "gzip_bytes",
+                techniques=None, highlight: str | None = None, ylim=None, ax=None):
+    """Every variant of the store, one colour per technique, the Pareto frontier ringed and numbered.
+
+    The frontier is computed over all three objectives (accuracy, latency, gzip size) and over
+    the whole table, so a ringed point can look beaten in this two-axis view: it wins on the
+    third axis. `ylim` zooms in; the title says how many variants the zoom leaves out.
+    """
+    from labkit.results import TECHNIQUES, pareto_front
+    table = table.copy()
+    table["pareto"] = pareto_front(table)
+    if techniques is not None:
+        table = table[table["technique"].isin(list(techniques))]
+    table = table.dropna(subset=[x, y])
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(11, 5.5))
+    else:
+        fig = ax.figure
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lines = []
+    if not table.empty:
+        sizes = table[size].astype(float) if size in table else pd.Series(0.0, index=table.index)
+        scale = max(float(sizes.max()), 1.0) if sizes.notna().any() else 1.0
+        for technique, group in table.groupby("technique"):
+            colour = colours[TECHNIQUES.index(technique) % len(colours)] if technique in TECHNIQUES else None
+            ax.scatter(group[x], group[y], s=25 + 400 * sizes[group.index].fillna(0) / scale, alpha=0.6,
+                       label=technique, color=colour)
+        front = table[table["pareto"]].sort_values(x)
+        ax.scatter(front[x], front[y], s=160, facecolors="none", edgecolors="black", linewidths=1.5,
+                   label="Pareto frontier")
+        for number, (_, row) in enumerate(front.iterrows(), start=1):
+            ax.annotate(str(number), (row[x], row[y]), fontsize=8, weight="bold", xytext=(5, 4),
+                        textcoords="offset points")
+            lines.append(f"{number:>2}  {row['variant']}")
+        if highlight is not None and highlight in set(table["variant"]):
+            row = table[table["variant"] == highlight].iloc[0]
+            ax.scatter([row[x]], [row[y]], s=300, marker="*", color="red", label=f"selected: {highlight}")
+        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0)
+    ax.text(1.01, 1.0, "Pareto frontier\n" + "\n".join(lines), transform=ax.transAxes, va="top",
+            fontsize=7, family="monospace")
+    spans_decades = ("latency_p50_us", "latency_p95_us", "size_bytes", "gzip_bytes", "throughput_ips")
+    if x in spans_decades:
+        ax.set_xscale("log")
+    if y in spans_decades:
+        ax.set_yscale("log")
+    title = f"Every variant in the results store (marker area: {size})"
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+        low, high = ax.get_ylim()
+        hidden = int(((table[y] < low) | (table[y] > high)).sum())
+        title += f"; {hidden} outside this view" if hidden else ""
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -1,8 +1,9 @@
-"""The one results store, results/measurements.csv, that every notebook writes to.
+"""The one results store, results/measurements.csv, that every notebook writes to, and its Pareto front.
 
 Rows are keyed by `variant`: recording a variant again replaces its row. Every write goes
 to a temporary file that then replaces the store in one step, so an interrupted write
-leaves the previous store whole.
+leaves the previous store whole. `pareto_front` marks the variants no other variant beats on
+every objective (notebooks 07 and 08, the explorer, the book report).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from labkit import RESULTS_DIR, ROOT
@@ -23,12 +25,22 @@ TECHNIQUES = ("baseline", "pruning", "clustering", "quantization", "graph", "run
               "distributed", "pipeline", "distillation", "lowrank", "search")
 
 
-def load(path: Path = RESULTS_PATH) -> pd.DataFrame:
+def store_path(path=None) -> Path:
+    """`path`, or the store's default, RESULTS_PATH, read when called (so tests can point it elsewhere)."""
+    return Path(RESULTS_PATH if path is None else path)
+
+
+def load(path: Path | None = None) -> pd.DataFrame:
     """Every stored row (an empty table with the right columns if nothing is stored yet)."""
-    path = Path(path)
+    path = store_path(path)
     if not path.is_file():
         return pd.DataFrame(columns=COLUMNS)
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as a CSV table ({type(error).__name__}: "
+                         f"{str(error).strip()[:200]}), so it is not a labkit results store. Move it "
+                         "aside; the notebooks will write a fresh one.") from None
     missing = set(COLUMNS) - set(table.columns)
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)}: it is not a labkit results "
@@ -90,7 +102,7 @@ def _atomic_write(table: pd.DataFrame, path: Path) -> None:
         raise
 
 
-def upsert(rows, path: Path = RESULTS_PATH) -> pd.DataFrame:
+def upsert(rows, path: Path | None = None) -> pd.DataFrame:
     """Insert rows, replacing any stored row with the same variant; return the whole store."""
     if isinstance(rows, dict):
         rows = [rows]
@@ -99,7 +111,7 @@ def upsert(rows, path: Path = RESULTS_PATH) -> pd.DataFrame:
     for row in rows:
         row.setdefault("measured_at", stamp)
         row["artifact"] = relative_artifact(row.get("artifact"))
-    path = Path(path)
+    path = store_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         new = pd.DataFrame(rows).reindex(columns=COLUMNS)
@@ -125,3 +137,34 @@ def make_row(variant: str, technique: str, notebook: str, *, accuracy=None, late
         row["size_bytes"] = measure.size_bytes(artifact)
         row["gzip_bytes"] = measure.gzip_bytes(artifact)
     return row
+
+
+# ----------------------------------------------------------------------------- the Pareto front
+
+OBJECTIVES = (("accuracy", "max"), ("latency_p50_us", "min"), ("gzip_bytes", "min"))
+
+
+def pareto_front(table: pd.DataFrame, objectives=OBJECTIVES) -> pd.Series:
+    """True for each row that no other row dominates (rows missing an objective are False).
+
+    Row a dominates row b when a is at least as good on every objective and strictly better on
+    one. A row equal to another on every objective is kept (neither dominates). `objectives` is a
+    sequence of (column, "max" | "min") pairs, or a {column: sense} dict.
+    """
+    objectives = list(objectives.items()) if isinstance(objectives, dict) else list(objectives)
+    for column, sense in objectives:
+        if sense not in ("max", "min"):
+            raise ValueError(f"objective sense must be 'max' or 'min', got {sense!r} for {column}")
+        if column not in table.columns:
+            raise ValueError(f"no column {column!r} in the table; columns are {list(table.columns)}")
+    columns = [column for column, _ in objectives]
+    complete = table[columns].notna().all(axis=1)
+    # Turn every objective into "smaller is better".
+    values = np.stack([(-1 if sense == "max" else 1) * table.loc[complete, column].astype(float).to_numpy()
+                       for column, sense in objectives], axis=1)
+    at_least_as_good = (values[:, None, :] <= values[None, :, :]).all(axis=2)  # [a, b]: a <= b everywhere
+    strictly_better = (values[:, None, :] < values[None, :, :]).any(axis=2)
+    dominated = (at_least_as_good & strictly_better).any(axis=0)
+    front = pd.Series(False, index=table.index)
+    front[complete[complete].index] = ~dominated
+    return front

@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny model and a throw-away results store, so tests take seconds."""
+"""Shared fixtures: tiny models, the data, and throw-away stores, so tests take seconds."""
 import labkit  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
 import numpy as np
 import pytest
+
+TINY_IMAGES = 512   # training images for the tiny models: enough to beat chance clearly, in seconds
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,17 +20,44 @@ def splits():
 @pytest.fixture(scope="session")
 def tiny_config():
     from labkit.models import BaselineConfig
-    return BaselineConfig(conv_filters=(4, 8), dense_units=16, epochs=1, batch_size=64, train_subset=512)
+    return BaselineConfig(conv_filters=(4, 8), dense_units=16, epochs=1, batch_size=64, train_subset=TINY_IMAGES)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_config, splits):
+    """The baseline's shape (conv + batch norm), 4 and 8 filters, 16 dense units, one epoch on 512 images."""
     from labkit.models import load_or_train_baseline
     model, _ = load_or_train_baseline(tiny_config, splits, directory=tmp_path_factory.mktemp("tiny"),
                                       progress=False)
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_plain_model(splits):
+    """models.build_cnn((4, 8), 16, batchnorm=False) trained like tiny_model: conv layers with bias."""
+    from labkit import models
+    model = models.build_cnn((4, 8), 16, batchnorm=False, name="tiny_plain")
+    models.train(model, splits.x_train[:TINY_IMAGES], splits.y_train[:TINY_IMAGES], epochs=1, batch_size=64,
+                 learning_rate=2e-3, progress=False)
+    return model
+
+
 @pytest.fixture
 def images(splits):
     return np.ascontiguousarray(splits.x_test[:32])
+
+
+@pytest.fixture
+def results_path(tmp_path, monkeypatch):
+    """A throw-away results store that every results.load / upsert without a path uses."""
+    from labkit import results
+    path = tmp_path / "results" / "measurements.csv"
+    monkeypatch.setattr(results, "RESULTS_PATH", path)
+    return path
+
+
+@pytest.fixture
+def artifacts_dir(tmp_path):
+    path = tmp_path / "artifacts"
+    path.mkdir()
+    return path
