@@ -74,3 +74,77 @@ def test_export_baseline_writes_three_formats(tmp_path, tiny_model, tiny_config,
     np.testing.assert_allclose(lite, reference, atol=1e-4)
     loaded = keras.models.load_model(paths["keras"])
     np.testing.assert_allclose(loaded(images).numpy(), reference, atol=1e-6)
+
+
+def test_build_cnn_layouts():
+    with_bn = models.build_cnn((4, 8), 16)
+    plain = models.build_cnn((4, 8), 16, batchnorm=False, dropout=0.0)
+    names = [layer.name for layer in plain.layers]
+    assert "bn1" not in names and "dropout" not in names and plain.get_layer("conv1").use_bias
+    assert {"bn1", "relu1", "dropout"} <= {layer.name for layer in with_bn.layers}
+    assert models.weight_layers(plain) == ["conv1", "conv2", "dense1", "logits"]
+    assert models.weight_layers(plain, min_weights=200) == ["conv2", "dense1"]
+    assert models.kernel(plain, "conv2").shape == (3, 3, 4, 8)
+    with pytest.raises(ValueError, match="weight layers"):
+        models.kernel(plain, "pool1")
+    with pytest.raises(ValueError, match="dropout"):
+        models.build_cnn((4,), 8, dropout=1.0)
+
+
+def test_fine_tune_plan_subset_and_steps(splits):
+    plan = models.FineTune(train_subset=300, epochs=2, batch_size=100)
+    x, y = plan.subset(splits.x_train, splits.y_train)
+    assert len(x) == len(y) == 300 and plan.steps(len(splits.x_train)) == 6
+    assert models.FineTune().steps(1000) == 8          # None: every image
+    with pytest.raises(ValueError, match="train_subset"):
+        models.FineTune(train_subset=0)
+
+
+def test_weights_key_follows_the_weights(tiny_model, tmp_path):
+    copy = models.clone_with_weights(tiny_model)
+    assert models.weights_key(copy) == models.weights_key(tiny_model)
+    copy.get_layer("logits").bias.assign(copy.get_layer("logits").bias + 1e-3)
+    assert models.weights_key(copy) != models.weights_key(tiny_model)
+    file = tmp_path / "f.bin"
+    file.write_bytes(b"abc")
+    assert models.weights_key(file) == models.weights_key(str(file)) != models.weights_key("abc-not-a-file")
+
+
+def test_cached_keys_on_settings_and_input_weights(tiny_model, tmp_path):
+    calls = []
+
+    def build(model):
+        calls.append(1)
+        return models.clone_with_weights(model), {"note": "built"}
+
+    other = models.clone_with_weights(tiny_model)
+    other.get_layer("logits").bias.assign(other.get_layer("logits").bias + 1.0)
+    first, record = models.cached("m", {"s": 1}, [tiny_model], lambda: build(tiny_model), tmp_path)
+    again, again_record = models.cached("m", {"s": 1}, [tiny_model], lambda: build(tiny_model), tmp_path)
+    assert len(calls) == 1 and again_record["cached"] and not record["cached"]
+    assert models.weights_key(again) == models.weights_key(tiny_model)
+    models.cached("m", {"s": 1}, [other], lambda: build(other), tmp_path)         # another input model
+    models.cached("m", {"s": 2}, [tiny_model], lambda: build(tiny_model), tmp_path)  # other settings
+    assert len(calls) == 3 and len(list(tmp_path.glob("m-*.keras"))) == 3
+    path, record = models.cached("t", {"s": 1}, tiny_model, lambda: (tiny_model, {}), tmp_path, kind="tflite")
+    assert path.suffix == ".tflite" and record["inputs"] == [models.weights_key(tiny_model)]
+    assert sorted(p.name for p in tmp_path.glob("t-*")) == sorted([path.name, path.with_suffix(".json").name])
+    with pytest.raises(ValueError, match="kind"):
+        models.cached("x", {}, [], lambda: None, tmp_path, kind="onnx")
+
+
+def test_save_tflite_is_atomic_and_explains_failures(tiny_model, tmp_path):
+    path = models.save_tflite(tiny_model, tmp_path / "m.tflite")
+    assert path.read_bytes()[4:8] == b"TFL3"
+    assert models.save_tflite(path.read_bytes(), tmp_path / "copy.tflite").read_bytes() == path.read_bytes()
+
+    class Failing:
+        def convert(self):
+            import os
+            os.write(2, b"error: 'tfl.fake_op' op is neither a custom op nor a flex op\n")
+            raise ValueError("conversion failed")
+    with pytest.raises(RuntimeError, match="neither a custom op"):
+        models.save_tflite(Failing(), tmp_path / "bad.tflite")
+    assert not (tmp_path / "bad.tflite").exists() and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(TypeError, match="Keras model, a TFLiteConverter or bytes"):
+        models.save_tflite("model.keras", tmp_path / "x.tflite")

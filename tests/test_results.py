@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from labkit import ROOT, results
+from labkit import results
 
 
 def row(variant, accuracy=0.99, technique="baseline"):
@@ -54,6 +54,18 @@ def test_a_foreign_csv_is_not_mistaken_for_the_store(tmp_path):
         results.load(other)
 
 
+def test_a_garbage_file_gets_the_stores_own_message(tmp_path):
+    garbage = tmp_path / "measurements.csv"
+    garbage.write_bytes(b'variant,technique\n"unclosed,1\n\x00\xff,2,3,4\n')
+    with pytest.raises(ValueError, match="not a labkit results store"):
+        results.load(garbage)
+
+
+def test_the_default_store_is_read_when_called(results_path):
+    results.upsert(row("a"))                       # no path: the (monkeypatched) default
+    assert results_path.is_file() and list(results.load()["variant"]) == ["a"]
+
+
 def test_make_row_reads_sizes_and_relative_artifact(tmp_path, monkeypatch):
     artifact = tmp_path / "m.tflite"
     artifact.write_bytes(bytes(1000))
@@ -64,4 +76,7 @@ def test_make_row_reads_sizes_and_relative_artifact(tmp_path, monkeypatch):
     store = tmp_path / "s.csv"
     results.upsert(made, store)
     assert results.load(store).loc[0, "artifact"] == "m.tflite"
-    assert results.relative_artifact(ROOT / "artifacts" / "x.tflite") in ("artifacts/x.tflite", str(ROOT / "artifacts/x.tflite"))
+    assert results.relative_artifact(tmp_path / "artifacts" / "x.tflite") == "artifacts/x.tflite"
+    outside = tmp_path.parent.resolve() / "elsewhere.tflite"   # outside the root: kept absolute
+    assert results.relative_artifact(outside) == str(outside)
+    assert results.relative_artifact(None) == results.relative_artifact("") == ""
