@@ -194,29 +194,36 @@ WEIGHT_LAYER_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.l
 
 
 def weight_layers(model: keras.Model, min_weights: int = 0) -> list[str]:
-    """Names of the Conv2D, DepthwiseConv2D and Dense layers whose kernel has >= min_weights entries."""
+    """Names of the Conv2D, DepthwiseConv2D and Dense layers whose kernel has >= min_weights entries.
+
+    Through tfmot wrappers: a pruning or QAT wrapper around conv2 is listed as conv2.
+    """
     names = []
     for wrapper in model.layers:
         layer = _unwrap(wrapper)
-        if isinstance(layer, WEIGHT_LAYER_TYPES):
-            kernel_ = layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D) else layer.kernel
-            if int(np.prod(kernel_.shape)) >= min_weights:
-                names.append(wrapper.name)
+        if isinstance(layer, WEIGHT_LAYER_TYPES) and int(np.prod(_kernel_variable(layer).shape)) >= min_weights:
+            names.append(layer.name)
     return names
 
 
+def _kernel_variable(layer):
+    return layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D) else layer.kernel
+
+
 def kernel(model: keras.Model, name: str) -> np.ndarray:
-    """The kernel of layer `name` as a NumPy array (through any tfmot wrapper)."""
-    try:
-        layer = _unwrap(model.get_layer(name))
-    except ValueError:
-        raise ValueError(f"no layer named {name!r}; the weight layers are {weight_layers(model)}") from None
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        return layer.depthwise_kernel.numpy()
-    if not hasattr(layer, "kernel"):
+    """The kernel of layer `name` as a NumPy array (the layer's name, or that of a tfmot wrapper around it)."""
+    found = [w for w in model.layers if w.name == name or _unwrap(w).name == name]
+    if not found:
+        raise ValueError(f"no layer named {name!r}; the weight layers are {weight_layers(model)}")
+    wrapper, layer = found[0], _unwrap(found[0])
+    if not isinstance(layer, WEIGHT_LAYER_TYPES):
         raise ValueError(f"layer {name!r} is a {type(layer).__name__}, which has no kernel; "
                          f"the weight layers are {weight_layers(model)}")
-    return layer.kernel.numpy()
+    variable = _kernel_variable(layer)
+    if not hasattr(variable, "numpy"):   # a QAT wrapper swaps the layer's kernel for its quantized tensor
+        suffix = "/depthwise_kernel:0" if isinstance(layer, keras.layers.DepthwiseConv2D) else "/kernel:0"
+        variable = next(v for v in wrapper.weights if v.name.endswith(suffix))
+    return variable.numpy()
 
 
 def model_path(name: str, config: BaselineConfig, directory: Path = ARTIFACTS_DIR) -> Path:

@@ -1,24 +1,16 @@
-"""Pruning: tfmot magnitude pruning, masks from scratch, sensitivity, 2:4 and filter surgery (notebook 02).
+"""Unstructured pruning: masks, schedules, prune + fine-tune + strip, sensitivity, 2:4, XNNPACK (notebook 02).
 
-Read it top to bottom next to the notebook:
-
-1. settings checks and the cache of fine-tuned models;
-2. tfmot: schedules, wrapping chosen layers, fine-tuning with a sparsity trace, stripping;
-3. magnitude masks in NumPy (one threshold per layer, or one for the whole model) and tfmot's own
-   mask on the same weights, to compare them;
-4. per-layer sensitivity and the per-layer targets derived from it;
-5. 2:4 (m:n) sparsity checks;
-6. structured pruning: rank filters by L1 norm and build a genuinely smaller network;
-7. LiteRT export, XNNPACK's sparse path, and the benchmark that prints the notebook's targets
-   (`python -m labkit.pruning`).
-
-Only the layers with a kernel are pruned. Biases and batch-norm parameters stay dense: together
-they are 0.2% of the baseline's parameters.
+Owns THE magnitude mask (checked against tfmot's), tfmot's schedules, THE prune + fine-tune +
+strip (`prune`, on models.fine_tune), the one-shot per-layer sensitivity sweep and the targets
+derived from it, 2:4 checks and XNNPACK's sparse path. Notebook 02 reads it top to bottom;
+filter removal is labkit.structured's; `python -m labkit.pruning` prints the notebook's targets.
+Only kernels are pruned: biases and batch-norm parameters (0.2% of the baseline's) stay dense.
 """
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict
 from pathlib import Path
 
 import labkit  # sets the legacy-Keras switch before TensorFlow loads
@@ -32,13 +24,15 @@ import tf_keras as keras
 # The wrapper class is not exported by tfmot's public API; its own callbacks import it from here.
 from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
 
-from labkit import ARTIFACTS_DIR, measure, models
+from labkit import ARTIFACTS_DIR, measure, models, tflite
 
 PRUNING_DIR = ARTIFACTS_DIR / "pruning"
+SCHEDULES = ("polynomial", "constant")
+SWEEP_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 sparsity_api = tfmot.sparsity.keras
 
 
-# ----------------------------------------------------------------------------- 1. checks and cache
+# ----------------------------------------------------------------------------- 1. checks
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
     """A sparsity is the fraction of weights set to zero: 0 <= sparsity < 1 (1 would remove everything)."""
@@ -49,48 +43,93 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
     return float(sparsity)
 
 
-def _unwrap(layer):
-    """The Keras layer inside a tfmot wrapper, or the layer itself."""
-    return layer.layer if isinstance(layer, PruneLowMagnitude) else layer
-
-
-def prunable_layers(model) -> list[str]:
-    """Names of the layers that hold a kernel (Conv2D, DepthwiseConv2D, Dense), in model order."""
-    kinds = (keras.layers.Conv2D, keras.layers.Dense)
-    return [layer.name for layer in model.layers if isinstance(_unwrap(layer), kinds)]
-
-
-def check_layers(model, names) -> list[str]:
-    """The names, checked against the model's prunable layers (ValueError lists the allowed ones)."""
-    names = [names] if isinstance(names, str) else list(names)
-    allowed = prunable_layers(model)
+def check_layers(model, names=None) -> list[str]:
+    """The names (None: every weight layer), checked against the model's weight layers."""
+    allowed = models.weight_layers(model)
+    names = allowed if names is None else [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in allowed]
     if unknown:
         raise ValueError(f"unknown layer name(s) {unknown}: the prunable layers of {model.name} are {allowed}")
     return names
 
 
-def kernel_of(model, name: str) -> np.ndarray:
-    """A layer's kernel as a NumPy array, looking through a tfmot wrapper."""
-    return _unwrap(model.get_layer(name)).kernel.numpy()
+def layer_sparsity(model, layers=None) -> pd.DataFrame:
+    """Zeros in each weight layer's kernel, and the total over them."""
+    rows = []
+    for name in check_layers(model, layers):
+        kernel = models.kernel(model, name)
+        rows.append({"layer": name, "weights": kernel.size, "zeros": int(np.sum(kernel == 0))})
+    table = pd.DataFrame(rows).set_index("layer")
+    table.loc["all kernels"] = table.sum()
+    table["sparsity"] = table["zeros"] / table["weights"]
+    return table
 
 
-def cached(name: str, settings: dict, make, directory: Path = PRUNING_DIR):
-    """A model built by `make() -> (model, info)`, saved as artifacts/pruning/<name>-<key>.keras.
+# ----------------------------------------------------------------------------- 2. masks from scratch
 
-    The key hashes `settings`, so changing any setting trains a new model; re-running a notebook
-    with the same settings loads the file instead of training again.
+def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
+    """True for the weights kept: the round(n * (1 - sparsity)) largest magnitudes (at least one).
+
+    The count is rounded in float32, half to even, and weights tied with the smallest kept
+    magnitude are kept too, as tfmot does, so the two agree exactly. Prune with `weights * mask`.
     """
-    path = Path(directory) / f"{name}-{models.settings_key(settings)}.keras"
-    if (cached := models.load_cached(path)) is not None:
-        return cached
-    model, info = make()
-    info = {"settings": settings, **info}
-    models.save_cached(model, info, path)
-    return model, info
+    check_sparsity(sparsity)
+    magnitudes = np.abs(weights)
+    keep = max(int(np.round(np.float32(magnitudes.size) * (np.float32(1) - np.float32(sparsity)))), 1)
+    threshold = np.partition(magnitudes.ravel(), magnitudes.size - keep)[magnitudes.size - keep]
+    return magnitudes >= threshold
 
 
-# ----------------------------------------------------------------------------- 2. tfmot
+def layer_masks(model, sparsity) -> dict:
+    """One threshold per layer: each layer loses the same fraction (a float) or its own (a dict)."""
+    targets = sparsity if isinstance(sparsity, dict) else dict.fromkeys(check_layers(model), sparsity)
+    check_layers(model, targets)
+    return {name: magnitude_mask(models.kernel(model, name), s) for name, s in targets.items()}
+
+
+def global_masks(model, sparsity: float, layers=None) -> dict:
+    """One threshold for all chosen layers together: small-magnitude layers lose more."""
+    check_sparsity(sparsity)
+    names = check_layers(model, layers)
+    kernels = {name: models.kernel(model, name) for name in names}
+    everything = np.concatenate([np.abs(k).ravel() for k in kernels.values()])
+    threshold = everything[magnitude_mask(everything, sparsity)].min()
+    return {name: np.abs(k) >= threshold for name, k in kernels.items()}
+
+
+def apply_masks(model, masks: dict):
+    """A copy of `model` with each masked kernel's pruned weights set to zero."""
+    check_layers(model, masks)
+    copy = models.clone_with_weights(model)
+    for name, mask in masks.items():
+        layer = copy.get_layer(name)
+        layer.kernel.assign(layer.kernel.numpy() * mask)
+    return copy
+
+
+def tfmot_masks(model, sparsity) -> dict:
+    """The masks tfmot computes for `model`'s current weights, without any training step: each layer
+    wrapped with ConstantSparsity(sparsity, begin_step=0), its step set to 0, tfmot's mask update run once."""
+    targets = sparsity if isinstance(sparsity, dict) else {n: sparsity for n in models.weight_layers(model)}
+    wrapped = wrap(model, {name: constant_schedule(s, frequency=1) for name, s in targets.items()})
+    wrapped(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)  # build the masks
+    masks = {}
+    for layer in wrapped.layers:
+        if isinstance(layer, PruneLowMagnitude):
+            layer.pruning_step.assign(0)
+            layer.pruning_obj.conditional_mask_update()
+            masks[layer.layer.name] = layer.pruning_vars[0][1].numpy().astype(bool)
+    return masks
+
+
+def mask_sparsity(masks: dict) -> pd.Series:
+    """Fraction of zeros per mask, and over all masks together."""
+    out = {name: 1 - m.mean() for name, m in masks.items()}
+    out["all kernels"] = 1 - sum(m.sum() for m in masks.values()) / sum(m.size for m in masks.values())
+    return pd.Series(out, name="sparsity")
+
+
+# ----------------------------------------------------------------------------- 3. tfmot: schedules, prune
 
 def constant_schedule(sparsity: float, begin_step: int = 0, frequency: int = 10):
     """Jump to `sparsity` at begin_step and re-prune to it every `frequency` steps."""
@@ -115,21 +154,17 @@ def schedule_curve(schedule, steps: int) -> pd.DataFrame:
 
 
 def wrap(model, schedules, layers=None, m_by_n=None):
-    """A copy of `model` whose chosen layers are wrapped by tfmot's prune_low_magnitude.
-
-    `schedules` is one schedule for every chosen layer or a dict {layer name: schedule}; a layer
-    with target sparsity 0 may be given None and stays unwrapped. The model is cloned first
-    because tfmot's wrappers reuse the layer objects they wrap.
-    """
+    """A copy of `model` whose chosen layers are wrapped by tfmot's prune_low_magnitude: one schedule for
+    `layers` (None: every weight layer) or {layer: schedule} (None: left unwrapped). The model is cloned
+    first because tfmot's wrappers reuse the layer objects they wrap."""
     if isinstance(schedules, dict):
         check_layers(model, schedules)
         per_layer = {name: s for name, s in schedules.items() if s is not None}
     else:
-        names = check_layers(model, prunable_layers(model) if layers is None else layers)
+        names = check_layers(model, layers)
         per_layer = {name: schedules for name in names}
     if m_by_n is not None:
-        m, n = m_by_n
-        if not 0 < m < n:
+        if not 0 < m_by_n[0] < m_by_n[1]:
             raise ValueError(f"m_by_n=(m, n) means m zeros in every n weights, so 0 < m < n; got {m_by_n}")
     source = models.clone_with_weights(model)
 
@@ -142,191 +177,128 @@ def wrap(model, schedules, layers=None, m_by_n=None):
     return keras.models.clone_model(source, clone_function=clone_function)
 
 
-class SparsityTrace(keras.callbacks.Callback):
-    """Records every wrapped layer's mask sparsity each `every` training steps."""
-
-    def __init__(self, every: int = 5):
-        super().__init__()
-        self.every, self.rows = every, []
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every and step != 1:
-            return
-        for layer in self.model.layers:
-            if isinstance(layer, PruneLowMagnitude):
-                mask = layer.pruning_vars[0][1].numpy()
-                self.rows.append({"step": step, "layer": layer.layer.name, "sparsity": float(1 - mask.mean())})
-
-
-@dataclass(frozen=True)
-class FineTune:
-    """How a pruned model is fine-tuned: `train_subset` images of the training split, cosine rate."""
-    train_subset: int = 20000
-    epochs: int = 1
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    seed: int = 0
-
-    def steps(self) -> int:
-        return self.epochs * int(np.ceil(self.train_subset / self.batch_size))
-
-
-def fine_tune(model, splits, plan: FineTune = FineTune(), progress: bool = True, trace_every: int = 5) -> dict:
-    """Train a (possibly wrapped) model on the first `plan.train_subset` training images.
-
-    Wrapped layers need tfmot's UpdatePruningStep callback, which advances their step counter;
-    without it tfmot raises an error on the first batch.
-    """
-    trace = SparsityTrace(trace_every)
-    callbacks = [sparsity_api.UpdatePruningStep(), trace]
-    x, y = splits.x_train[:plan.train_subset], splits.y_train[:plan.train_subset]
-    fit = models.train(model, x, y, epochs=plan.epochs, batch_size=plan.batch_size,
-                       learning_rate=plan.learning_rate, seed=plan.seed, progress=progress,
-                       callbacks=callbacks)
-    return {"train_seconds": fit["train_seconds"], "trace": trace.rows,
-            "history": fit["history"]}
-
-
 def strip(model):
     """The plain Keras model inside the wrappers: same layers, masked weights, no mask variables."""
     return sparsity_api.strip_pruning(model)
 
 
-def prune_and_fine_tune(name: str, baseline, schedules, splits, *, plan: FineTune = FineTune(),
-                        layers=None, m_by_n=None, baseline_key: str = "", progress: bool = True):
-    """Wrap, fine-tune and strip, cached under artifacts/pruning/ by every setting (notebook 02)."""
-    if isinstance(schedules, dict):
-        described = {k: (None if s is None else s.get_config()) for k, s in schedules.items()}
-    else:
-        described = schedules.get_config()
-    settings = {"baseline": baseline_key, "schedules": described, "layers": layers,
-                "m_by_n": m_by_n, "plan": asdict(plan)}
-
-    def make():
-        wrapped = wrap(baseline, schedules, layers=layers, m_by_n=m_by_n)
-        record = fine_tune(wrapped, splits, plan, progress=progress)
-        return strip(wrapped), record
-
-    return cached(name, settings, make)
+def sparsity_trace(wrapped, rows: list, every: int = 5):
+    """A callback appending every wrapped layer's mask sparsity to `rows` each `every` training steps."""
+    def record(batch, logs=None):
+        step = int(wrapped.optimizer.iterations.numpy())
+        if step % every == 0 or step == 1:
+            rows.extend({"step": step, "layer": layer.layer.name,
+                         "sparsity": float(1 - layer.pruning_vars[0][1].numpy().mean())}
+                        for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude))
+    return keras.callbacks.LambdaCallback(on_train_batch_end=record)
 
 
-def layer_sparsity(model, layers=None) -> pd.DataFrame:
-    """Zeros in each prunable kernel, and the total over them."""
-    rows = []
-    for name in prunable_layers(model) if layers is None else check_layers(model, layers):
-        kernel = kernel_of(model, name)
-        rows.append({"layer": name, "weights": kernel.size, "zeros": int(np.sum(kernel == 0))})
-    table = pd.DataFrame(rows).set_index("layer")
-    table.loc["all kernels"] = table.sum()
-    table["sparsity"] = table["zeros"] / table["weights"]
-    return table
+def prune(model, targets, splits, plan: models.FineTune, *, schedule: str = "polynomial", ramp: float = 0.6,
+          frequency: int | None = None, layers=None, m_by_n=None, progress: bool = True, callbacks=()):
+    """Magnitude-prune a copy of `model` while fine-tuning it by `plan`, then strip: (model, record).
 
-
-# ----------------------------------------------------------------------------- 3. masks from scratch
-
-def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
-    """True for the weights kept: the round(n * (1 - sparsity)) largest magnitudes (at least one).
-
-    The count is rounded in float32, half to even, as tfmot does, so the two agree exactly.
+    `targets`: {layer: sparsity} (0: left dense) or one sparsity for `layers` (None: every weight
+    layer). "polynomial" ramps each layer from 0 to its target, reached `ramp` of the way through
+    the steps so the rest can recover; "constant" asks for it from step 0. Masks are updated every
+    `frequency` steps (None: a twentieth of them); m_by_n=(2, 4): 2 zeros in every 4 inputs. The
+    record is models.fine_tune's plus the settings and a sparsity trace. `cached_prune` caches it.
     """
-    check_sparsity(sparsity)
-    magnitudes = np.abs(weights)
-    keep = max(int(np.round(np.float32(magnitudes.size) * (np.float32(1) - np.float32(sparsity)))), 1)
-    threshold = np.partition(magnitudes.ravel(), magnitudes.size - keep)[magnitudes.size - keep]
-    return magnitudes >= threshold
-
-
-def layer_masks(model, sparsity) -> dict:
-    """One threshold per layer: each layer loses the same fraction (a float) or its own (a dict)."""
-    targets = sparsity if isinstance(sparsity, dict) else {n: sparsity for n in prunable_layers(model)}
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not 0.0 < ramp <= 1.0:
+        raise ValueError(f"ramp is the fraction of the steps at which the target is reached, in (0, 1]; got {ramp}")
+    if isinstance(targets, dict) and layers is not None:
+        raise ValueError("per-layer targets name their layers already: pass layers only with one sparsity")
+    if not isinstance(targets, dict):
+        targets = dict.fromkeys(models.weight_layers(model) if layers is None else layers, targets)
+    targets = {name: check_sparsity(s, f"the sparsity of {name}") for name, s in targets.items()}
     check_layers(model, targets)
-    return {name: magnitude_mask(kernel_of(model, name), s) for name, s in targets.items()}
+    steps = plan.steps(len(splits.x_train))
+    frequency = max(steps // 20, 1) if frequency is None else int(frequency)
+
+    def schedule_for(s):
+        if schedule == "constant":
+            return constant_schedule(s, frequency=frequency)
+        return polynomial_schedule(s, end_step=max(int(ramp * steps), 1), frequency=frequency)
+
+    wrapped = wrap(model, {name: schedule_for(s) if s > 0 else None for name, s in targets.items()},
+                   m_by_n=m_by_n)
+    trace = []
+    # UpdatePruningStep advances the wrappers' step counter: without it tfmot stops on the first batch
+    callbacks = [sparsity_api.UpdatePruningStep(), sparsity_trace(wrapped, trace), *callbacks]
+    record = models.fine_tune(wrapped, splits, plan, callbacks=callbacks, progress=progress, description="prune")
+    record.update(targets=targets, schedule=schedule, ramp=ramp, frequency=frequency,
+                  m_by_n=None if m_by_n is None else list(m_by_n), trace=trace)
+    return strip(wrapped), record
 
 
-def global_masks(model, sparsity: float, layers=None) -> dict:
-    """One threshold for all chosen layers together: small-magnitude layers lose more."""
-    check_sparsity(sparsity)
-    names = check_layers(model, prunable_layers(model) if layers is None else layers)
-    kernels = {name: kernel_of(model, name) for name in names}
-    everything = np.concatenate([np.abs(k).ravel() for k in kernels.values()])
-    threshold = np.abs(everything[magnitude_mask(everything, sparsity)]).min()
-    return {name: np.abs(k) >= threshold for name, k in kernels.items()}
-
-
-def apply_masks(model, masks: dict):
-    """A copy of `model` with each masked kernel's pruned weights set to zero."""
-    check_layers(model, masks)
-    copy = models.clone_with_weights(model)
-    for name, mask in masks.items():
-        layer = copy.get_layer(name)
-        layer.kernel.assign(layer.kernel.numpy() * mask)
-    return copy
-
-
-def tfmot_masks(model, sparsity) -> dict:
-    """The masks tfmot computes for `model`'s current weights, without any training step.
-
-    Each layer is wrapped with ConstantSparsity(sparsity, begin_step=0), its step counter set
-    to 0, and tfmot's own mask update run once.
-    """
-    targets = sparsity if isinstance(sparsity, dict) else {n: sparsity for n in prunable_layers(model)}
-    schedules = {name: constant_schedule(s, frequency=1) for name, s in targets.items()}
-    wrapped = wrap(model, schedules)
-    wrapped(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)  # build the masks
-    masks = {}
-    for layer in wrapped.layers:
-        if isinstance(layer, PruneLowMagnitude):
-            layer.pruning_step.assign(0)
-            layer.pruning_obj.conditional_mask_update()
-            masks[layer.layer.name] = layer.pruning_vars[0][1].numpy().astype(bool)
-    return masks
-
-
-def mask_sparsity(masks: dict) -> pd.Series:
-    """Fraction of zeros per mask, and over all masks together."""
-    out = {name: 1 - m.mean() for name, m in masks.items()}
-    out["all kernels"] = 1 - sum(m.sum() for m in masks.values()) / sum(m.size for m in masks.values())
-    return pd.Series(out, name="sparsity")
+def cached_prune(name: str, model, targets, splits, plan: models.FineTune, *, schedule: str = "polynomial",
+                 ramp: float = 0.6, frequency: int | None = None, layers=None, m_by_n=None,
+                 directory: Path = PRUNING_DIR, progress: bool = True):
+    """`prune` through models.cached: the entry's key covers every setting and `model`'s weights."""
+    settings = {"targets": targets, "plan": asdict(plan), "schedule": schedule, "ramp": ramp,
+                "frequency": frequency, "layers": layers, "m_by_n": m_by_n}
+    return models.cached(name, settings, [model], lambda: prune(
+        model, targets, splits, plan, schedule=schedule, ramp=ramp, frequency=frequency, layers=layers,
+        m_by_n=m_by_n, progress=progress), directory)
 
 
 # ----------------------------------------------------------------------------- 4. sensitivity
 
-def sensitivity_sweep(model, x_val, y_val, sparsities=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95), layers=None,
+def sensitivity_sweep(model, x_val, y_val, sparsities=SWEEP_SPARSITIES, layers=None,
                       progress: bool = True) -> pd.DataFrame:
-    """Validation accuracy with one layer at a time magnitude-pruned (no fine-tuning), per sparsity.
+    """Validation accuracy with one layer at a time magnitude-pruned in one shot (no fine-tuning).
 
-    One working copy is reused: its kernel is overwritten and restored, so the traced graph is
-    built once and each point costs one pass over the validation images.
+    Columns layer, sparsity, val_accuracy and drop (unpruned accuracy - val_accuracy). Each layer
+    (None: every weight layer) has a row at sparsity 0.0, the unpruned model. One working copy is
+    reused (kernel overwritten, then restored), so the graph is traced once.
     """
-    sparsities = sorted({check_sparsity(s) for s in sparsities} | {0.0})
-    names = check_layers(model, prunable_layers(model) if layers is None else layers)
+    sparsities = sorted({check_sparsity(s) for s in sparsities} - {0.0})
+    names = check_layers(model, layers)
     work = models.clone_with_weights(model)
     runner = measure.tf_function(work)
-    base_accuracy = measure.accuracy(runner, x_val, y_val)
+    base = measure.accuracy(runner, x_val, y_val)
     rows = []
-    with labkit.progress_bar(total=len(names) * (len(sparsities) - 1), desc="sensitivity", disable=not progress) as bar:
+    with labkit.progress_bar(total=len(names) * len(sparsities), desc="sensitivity", disable=not progress) as bar:
         for name in names:
-            kernel = work.get_layer(name).kernel
+            layer = work.get_layer(name)
+            kernel = layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D) else layer.kernel
             original = kernel.numpy()
+            rows.append({"layer": name, "sparsity": 0.0, "val_accuracy": base})
             for s in sparsities:
-                if s == 0.0:
-                    rows.append({"layer": name, "sparsity": 0.0, "accuracy": base_accuracy})
-                    continue
                 kernel.assign(original * magnitude_mask(original, s))
-                rows.append({"layer": name, "sparsity": s, "accuracy": measure.accuracy(runner, x_val, y_val)})
+                rows.append({"layer": name, "sparsity": s, "val_accuracy": measure.accuracy(runner, x_val, y_val)})
                 bar.update(1)
             kernel.assign(original)
-    return pd.DataFrame(rows)
+    sweep = pd.DataFrame(rows)
+    sweep["drop"] = base - sweep["val_accuracy"]
+    return sweep
+
+
+def cached_sweep(model, splits, sparsities=SWEEP_SPARSITIES, layers=None, *,
+                 directory: Path = PRUNING_DIR, progress: bool = True) -> pd.DataFrame:
+    """sensitivity_sweep on the validation split, kept as a CSV keyed by the settings and `model`'s weights."""
+    key = models.settings_key({"sparsities": sorted(sparsities), "layers": layers,
+                               "inputs": [models.weights_key(model)]})
+    path = Path(directory) / f"sensitivity-{key}.csv"
+    if not path.is_file():
+        sweep = sensitivity_sweep(model, splits.x_val, splits.y_val, sparsities, layers, progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        sweep.to_csv(tmp, index=False)
+        tmp.replace(path)   # whole or not at all
+    return pd.read_csv(path)   # read back either way, so a fresh and a cached sweep give the same floats
 
 
 def accuracy_drop_curve(sweep: pd.DataFrame, layer: str, step: float = 0.01) -> pd.Series:
     """One layer's accuracy drop (fraction) on a fine sparsity grid: interpolated between swept points
     and made non-decreasing, since pruning more can only be assumed to hurt more."""
     curve = sweep[sweep["layer"] == layer].sort_values("sparsity")
-    grid = np.round(np.arange(0.0, curve["sparsity"].max() + 1e-9, step), 6)
-    drop = curve["accuracy"].iloc[0] - np.interp(grid, curve["sparsity"], curve["accuracy"])
-    return pd.Series(np.maximum.accumulate(np.maximum(drop, 0.0)), index=grid, name=layer)
+    sparsity, drop = curve["sparsity"].to_numpy(float), curve["drop"].to_numpy(float)
+    if sparsity[0] > 0:   # the unpruned model loses nothing
+        sparsity, drop = np.r_[0.0, sparsity], np.r_[0.0, drop]
+    grid = np.round(np.arange(0.0, sparsity.max() + 1e-9, step), 6)
+    return pd.Series(np.maximum.accumulate(np.maximum(np.interp(grid, sparsity, drop), 0.0)), index=grid, name=layer)
 
 
 def targets_from_sensitivity(sweep: pd.DataFrame, weights: dict, overall: float, step: float = 0.01) -> dict:
@@ -344,21 +316,21 @@ def targets_from_sensitivity(sweep: pd.DataFrame, weights: dict, overall: float,
     total = sum(weights.values())
     if sum(weights[n] * curves[n].index[-1] for n in weights) / total < overall:
         raise ValueError(f"overall sparsity {overall} is beyond the swept range: sweep higher sparsities")
-    position = {name: 0 for name in weights}
-    zeros = 0.0
+
+    def cost(name):
+        curve, i = curves[name], position[name]
+        if i + 1 >= len(curve):
+            return np.inf
+        return (curve.iloc[i + 1] - curve.iloc[i]) / (weights[name] * step)
+
+    position, zeros, last = {name: 0 for name in weights}, 0.0, None
     while zeros / total < overall:
-        def cost(name):
-            curve, i = curves[name], position[name]
-            if i + 1 >= len(curve):
-                return np.inf
-            return (curve.iloc[i + 1] - curve.iloc[i]) / (weights[name] * step)
-        best = min(weights, key=lambda n: (cost(n), -weights[n]))
-        position[best] += 1
-        zeros += weights[best] * step
-    # the last step may overshoot: take the excess back from the layer that moved last
+        last = min(weights, key=lambda n: (cost(n), -weights[n]))
+        position[last] += 1
+        zeros += weights[last] * step
     targets = {name: float(curves[name].index[position[name]]) for name in weights}
-    excess = zeros - overall * total
-    targets[best] = round(targets[best] - excess / weights[best], 6)
+    if last is not None:   # the last step may overshoot: take the excess back from the layer that moved last
+        targets[last] = round(targets[last] - (zeros - overall * total) / weights[last], 6)
     return targets
 
 
@@ -375,127 +347,10 @@ def m_by_n_violations(kernel: np.ndarray, m: int = 2, n: int = 4) -> int:
     moved = np.moveaxis(kernel, -2, -1)  # inputs last
     if moved.shape[-1] % n:
         raise ValueError(f"the input axis has {moved.shape[-1]} weights, not a multiple of n={n}")
-    groups = moved.reshape(-1, n)
-    return int(np.sum((groups == 0).sum(axis=1) < m))
+    return int(np.sum((moved.reshape(-1, n) == 0).sum(axis=1) < m))
 
 
-# ----------------------------------------------------------------------------- 6. structured pruning
-
-def _conv_blocks(model) -> list[str]:
-    """conv1, conv2, ...: the baseline's convolution blocks, each followed by bn<i>."""
-    names = [layer.name for layer in model.layers]
-    blocks = [n for n in names if n.startswith("conv") and n[4:].isdigit()]
-    needed = [f"bn{n[4:]}" for n in blocks] + ["flatten", "dense1", "logits"]
-    if not blocks or any(n not in names for n in needed):
-        raise ValueError(f"structured pruning expects the baseline's layout (conv<i> + bn<i> blocks, flatten, "
-                         f"dense1, logits); {model.name} has layers {names}")
-    return blocks
-
-
-def filter_l1(model) -> dict:
-    """L1 norm of every output filter (conv) or unit (dense1): what each one puts into its layer."""
-    blocks = _conv_blocks(model)
-    norms = {name: np.abs(kernel_of(model, name)).sum(axis=(0, 1, 2)) for name in blocks}
-    norms["dense1"] = np.abs(kernel_of(model, "dense1")).sum(axis=0)
-    return norms
-
-
-def strongest(model, keep: dict) -> dict:
-    """For each layer in `keep` ({name: count}), the indices of its `count` largest-L1 filters, sorted."""
-    norms = filter_l1(model)
-    out = {}
-    for name, count in keep.items():
-        if name not in norms:
-            raise ValueError(f"unknown layer {name!r}: filters can be removed from {sorted(norms)}")
-        if not isinstance(count, (int, np.integer)) or not 1 <= count <= len(norms[name]):
-            raise ValueError(f"{name} has {len(norms[name])} filters: keep between 1 and "
-                             f"{len(norms[name])} of them (removing every filter cuts the network), got {count}")
-        out[name] = np.sort(np.argsort(-norms[name], kind="stable")[:count])
-    return out
-
-
-def shrink(model, kept: dict):
-    """A genuinely smaller model holding only the kept filters, with their trained weights.
-
-    `kept` maps a layer (conv<i> or dense1) to the indices of the filters or units to keep; the
-    others keep everything. Removing output filter j of conv<i> also removes channel j of bn<i>
-    and input channel j of the next layer; after the last block, the flatten layer lays features
-    out as (row, column, channel), so dense1 loses those rows for every pixel.
-    """
-    blocks = _conv_blocks(model)
-    unknown = set(kept) - set(blocks) - {"dense1"}
-    if unknown:
-        raise ValueError(f"unknown layer(s) {sorted(unknown)}: filters can be removed from {blocks + ['dense1']}")
-    full = {name: np.arange(len(norms)) for name, norms in filter_l1(model).items()}
-    keep = {}
-    for name, indices in full.items():
-        chosen = np.asarray(kept.get(name, indices), dtype=int)
-        if chosen.size == 0:
-            raise ValueError(f"cannot remove every filter of {name}: keep at least one")
-        if len(set(chosen.tolist())) != chosen.size or chosen.min() < 0 or chosen.max() >= indices.size:
-            raise ValueError(f"{name}: kept indices must be distinct and in [0, {indices.size}), got {chosen}")
-        keep[name] = np.sort(chosen)
-    config = models.BaselineConfig(conv_filters=tuple(int(keep[n].size) for n in blocks),
-                                   dense_units=int(keep["dense1"].size),
-                                   dropout=float(model.get_layer("dropout").rate))
-    small = models.build_baseline(config)
-    previous = np.arange(model.input_shape[-1])  # input channels of conv1: the image's
-    for name in blocks:
-        out = keep[name]
-        kernel = kernel_of(model, name)[:, :, previous, :][..., out]
-        small.get_layer(name).set_weights([kernel])
-        bn = "bn" + name[4:]
-        small.get_layer(bn).set_weights([w[out] for w in model.get_layer(bn).get_weights()])
-        previous = out
-    height, width, channels = model.get_layer("flatten").input_shape[1:]
-    kernel, bias = model.get_layer("dense1").get_weights()
-    kernel = kernel.reshape(height, width, channels, -1)[:, :, previous, :].reshape(-1, kernel.shape[-1])
-    units = keep["dense1"]
-    small.get_layer("dense1").set_weights([kernel[:, units], bias[units]])
-    kernel, bias = model.get_layer("logits").get_weights()
-    small.get_layer("logits").set_weights([kernel[units], bias])
-    return small
-
-
-def zero_filters(model, kept: dict):
-    """A same-size copy in which every filter or unit *not* in `kept` contributes exactly nothing.
-
-    A convolution here has no bias, but its batch norm adds a shift, so a zero filter alone still
-    feeds a constant channel forward: its batch-norm scale and shift are zeroed too. A dense1
-    unit loses its kernel column and its bias.
-    """
-    blocks = _conv_blocks(model)
-    copy = models.clone_with_weights(model)
-    for name, indices in kept.items():
-        if name not in blocks + ["dense1"]:
-            raise ValueError(f"unknown layer {name!r}: filters can be removed from {blocks + ['dense1']}")
-        drop = np.setdiff1d(np.arange(copy.get_layer(name).kernel.shape[-1]), indices)
-        weights = copy.get_layer(name).get_weights()
-        for w in weights:  # the kernel's last axis and the bias are both per output filter
-            w[..., drop] = 0
-        copy.get_layer(name).set_weights(weights)
-        if name != "dense1":
-            bn = copy.get_layer("bn" + name[4:])
-            gamma, beta, mean, variance = bn.get_weights()
-            gamma[drop], beta[drop] = 0, 0
-            bn.set_weights([gamma, beta, mean, variance])
-    return copy
-
-
-def structured(name: str, baseline, keep: dict, splits, *, plan: FineTune = FineTune(),
-               baseline_key: str = "", progress: bool = True):
-    """Keep the largest-L1 filters, shrink, fine-tune; cached like prune_and_fine_tune (notebook 02)."""
-    settings = {"baseline": baseline_key, "keep": keep, "plan": asdict(plan), "rank": "l1"}
-
-    def make():
-        small = shrink(baseline, strongest(baseline, keep))
-        record = fine_tune(small, splits, plan, progress=progress)
-        return small, record
-
-    return cached(name, settings, make)
-
-
-# ----------------------------------------------------------------------------- 7. LiteRT and XNNPACK
+# ----------------------------------------------------------------------------- 6. LiteRT and XNNPACK
 
 def export_tflite(model, path, sparse_encoding: bool = False) -> Path:
     """Float32 .tflite; with sparse_encoding the converter stores sparse weights compactly, unpacked at load
@@ -503,17 +358,13 @@ def export_tflite(model, path, sparse_encoding: bool = False) -> Path:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if sparse_encoding:
         converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    with labkit.quiet_stderr():
-        return models.save_tflite(converter, path)
+    return models.save_tflite(converter, path)
 
 
 def sparse_ready_cnn(width: int = 16, seed: int = 0):
-    """A small MobileNet-style CNN that tfmot's PruneForLatencyOnXNNPack policy accepts.
-
-    XNNPACK's sparse path needs a 3x3 stride-2 convolution with 3 input channels and explicit
-    1-pixel padding first, then depthwise 3x3 and 1x1 convolutions only, ending in a spatial mean.
-    MNIST has one channel, so the image is repeated three times before the first convolution.
-    """
+    """A small MobileNet-style CNN that tfmot's PruneForLatencyOnXNNPack policy accepts: XNNPACK's sparse
+    path needs a padded 3x3 stride-2 convolution on 3 channels first (MNIST's one channel is repeated
+    three times), then depthwise 3x3 and 1x1 convolutions only, ending in a spatial mean."""
     keras.utils.set_random_seed(seed)
     layers = keras.layers
 
@@ -527,12 +378,10 @@ def sparse_ready_cnn(width: int = 16, seed: int = 0):
     x = layers.ZeroPadding2D(1, name="stem_pad")(x)
     x = bn_relu(layers.Conv2D(width, 3, strides=2, use_bias=False, name="stem")(x), "stem")
     for i, (channels, stride) in enumerate([(2 * width, 1), (4 * width, 2), (4 * width, 1)], start=1):
-        if stride == 2:
+        if stride == 2:   # explicit padding before a strided depthwise convolution, as the policy asks
             x = layers.ZeroPadding2D(1, name=f"dw{i}_pad")(x)
-            x = layers.DepthwiseConv2D(3, strides=2, use_bias=False, name=f"dw{i}")(x)
-        else:
-            x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"dw{i}")(x)
-        x = bn_relu(x, f"dw{i}")
+        x = bn_relu(layers.DepthwiseConv2D(3, strides=stride, padding="valid" if stride == 2 else "same",
+                                           use_bias=False, name=f"dw{i}")(x), f"dw{i}")
         x = bn_relu(layers.Conv2D(channels, 1, use_bias=False, name=f"pw{i}")(x), f"pw{i}")
     x = layers.GlobalAveragePooling2D(keepdims=True, name="mean")(x)
     x = layers.Flatten(name="flatten")(x)
@@ -548,100 +397,65 @@ def prune_for_xnnpack(model, sparsity: float, begin_step: int = 0, frequency: in
         pruning_policy=sparsity_api.PruneForLatencyOnXNNPack())
 
 
-def sparse_ready_models(splits, sparsity: float = 0.75, *, train_plan: FineTune = FineTune(20000, 2, 128, 1e-2),
-                        prune_plan: FineTune = FineTune(20000, 1, 128, 1e-3), progress: bool = True):
+SPARSE_READY_TRAIN = models.FineTune(train_subset=20000, epochs=2, learning_rate=1e-2)
+SPARSE_READY_PRUNE = models.FineTune(train_subset=20000, epochs=1, learning_rate=1e-3)
+
+
+def sparse_ready_models(splits, sparsity: float = 0.75, *, train_plan: models.FineTune = SPARSE_READY_TRAIN,
+                        prune_plan: models.FineTune = SPARSE_READY_PRUNE, directory: Path = PRUNING_DIR,
+                        progress: bool = True):
     """The sparse-ready CNN trained from scratch, and a copy pruned with the XNNPACK policy (both cached)."""
     check_sparsity(sparsity)
+    start = sparse_ready_cnn()
+    dense, _ = models.cached("sparse-ready-cnn", {"plan": asdict(train_plan)}, [start], lambda: (
+        start, models.fine_tune(start, splits, train_plan, progress=progress)), directory)
 
-    def train_dense():
-        model = sparse_ready_cnn()
-        return model, fine_tune(model, splits, train_plan, progress=progress)
-
-    dense, dense_info = cached("sparse-ready-cnn", {"plan": asdict(train_plan)}, train_dense)
-
-    def prune():
+    def pruned():
         wrapped = prune_for_xnnpack(dense, sparsity)
-        record = fine_tune(wrapped, splits, prune_plan, progress=progress)
+        record = models.fine_tune(wrapped, splits, prune_plan, callbacks=[sparsity_api.UpdatePruningStep()],
+                                  progress=progress, description="prune")
         return strip(wrapped), record
-
-    pruned, pruned_info = cached("sparse-ready-cnn-pruned", {"dense": asdict(train_plan), "sparsity": sparsity,
-                                                             "plan": asdict(prune_plan)}, prune)
-    return dense, pruned
-
-
-def cpu_flags() -> set:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return dense, models.cached("sparse-ready-cnn-pruned", {"sparsity": sparsity, "plan": asdict(prune_plan)},
+                                [dense], pruned, directory)[0]
 
 
 def xnnpack_report(path) -> dict:
-    """What the LiteRT interpreter itself says about a model under the XNNPACK delegate.
-
-    XNNPACK considers its sparse path only when (1) the graph has the layout tfmot's
-    PruneForLatencyOnXNNPack checks, (2) it takes DENSIFY ops (weights stored sparse) into its
-    partition, and (3) the CPU is not an x86 with AVX: there XNNPACK keeps its dense kernels,
-    because its sparse kernels target SSE only and dense AVX code is expected to be faster.
-    """
-    model = measure.LiteRTModel(path, num_threads=1, xnnpack=True)
-    ops = model.interpreter._get_ops_details()
-    delegates = [op for op in ops if op["op_name"] == "DELEGATE"]
-    delegated_inputs = set(np.concatenate([op["inputs"] for op in delegates]).tolist()) if delegates else set()
-    densify = [op for op in ops if op["op_name"] == "DENSIFY"]
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-    has_avx = "avx" in cpu_flags()
-    taken = bool(densify) and all(int(op["inputs"][0]) in delegated_inputs for op in densify)
-    return {"model ops": len(ops) - len(delegates), "XNNPACK partitions": len(delegates),
-            "DENSIFY ops": len(densify), "sparse weights handed to XNNPACK": taken,
-            "x86 CPU with AVX": x86 and has_avx,
-            "XNNPACK sparse kernels enabled on this CPU": not (x86 and has_avx)}
+    """What the LiteRT interpreter itself says about a model under the XNNPACK delegate. XNNPACK
+    considers its sparse path only when (1) the graph has the layout tfmot's PruneForLatencyOnXNNPack
+    checks, (2) it takes the DENSIFY ops (weights stored sparse) into its partition, and (3) the CPU is
+    not an x86 with AVX: there its sparse kernels (SSE only) are expected to lose to dense AVX code."""
+    ops = tflite.delegated_ops(path).to_dict("records")   # as XNNPACK runs them
+    delegated = [op for op in ops if op["op"] == "DELEGATE"]
+    delegated_inputs = {i for op in delegated for i in op["inputs"]}
+    densify = [op for op in ops if op["op"] == "DENSIFY"]
+    cpuinfo = Path("/proc/cpuinfo")
+    has_avx = cpuinfo.is_file() and re.search(r"^flags.*\bavx\b", cpuinfo.read_text(), re.M) is not None
+    x86_avx = has_avx and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return {"model ops": len(ops) - len(delegated), "XNNPACK partitions": len(delegated),
+            "DENSIFY ops": len(densify),
+            "sparse weights handed to XNNPACK": bool(densify) and all(op["inputs"][0] in delegated_inputs
+                                                                      for op in densify),
+            "x86 CPU with AVX": x86_avx, "XNNPACK sparse kernels enabled on this CPU": not x86_avx}
 
 
 # ----------------------------------------------------------------------------- the benchmark
 
 HEADLINE_SPARSITY = 0.8
-SWEEP_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
-UNSTRUCTURED_PLAN = FineTune(train_subset=20000, epochs=1, learning_rate=5e-4)
-STRUCTURED_KEEP = {"conv1": 16, "conv2": 32, "dense1": 64}
-STRUCTURED_PLAN = FineTune(train_subset=27500, epochs=2, learning_rate=1e-3)
-
-
-def polynomial_schedules(targets: dict, plan: FineTune) -> dict:
-    """One PolynomialDecay per layer, reaching its target 60% of the way through the fine-tune."""
-    end_step = int(0.6 * plan.steps())
-    return {n: polynomial_schedule(s, end_step=end_step) if s > 0 else None for n, s in targets.items()}
-
-
-def cached_sweep(baseline, splits, sparsities=SWEEP_SPARSITIES, baseline_key: str = "",
-                 progress: bool = True) -> pd.DataFrame:
-    """sensitivity_sweep on the validation split, saved as CSV under artifacts/pruning/."""
-    key = models.settings_key({"baseline": baseline_key, "sparsities": list(sparsities)})
-    path = PRUNING_DIR / f"sensitivity-{key}.csv"
-    if path.is_file():
-        return pd.read_csv(path)
-    sweep = sensitivity_sweep(baseline, splits.x_val, splits.y_val, sparsities, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep.to_csv(path, index=False)
-    return sweep
+UNSTRUCTURED_PLAN = models.FineTune(train_subset=20000, epochs=1, learning_rate=5e-4)
+UNSTRUCTURED_FREQUENCY = 10   # mask updates every 10 steps, as the schedules drawn in notebook 02
 
 
 def headline_models(splits, baseline=None, progress: bool = True) -> dict:
     """The two models the targets are about, built (or loaded) with the same calls as notebook 02."""
-    config = models.BaselineConfig()
+    from labkit import structured
     if baseline is None:
-        baseline, _ = models.load_or_train_baseline(config, splits)
-    sweep = cached_sweep(baseline, splits, baseline_key=config.key(), progress=progress)
-    sizes = {name: kernel_of(baseline, name).size for name in prunable_layers(baseline)}
-    targets = targets_from_sensitivity(sweep, sizes, HEADLINE_SPARSITY)
-    unstructured, _ = prune_and_fine_tune("unstructured-80", baseline,
-                                          polynomial_schedules(targets, UNSTRUCTURED_PLAN), splits,
-                                          plan=UNSTRUCTURED_PLAN, baseline_key=config.key(), progress=progress)
-    small, _ = structured("structured-l1", baseline, STRUCTURED_KEEP, splits, plan=STRUCTURED_PLAN,
-                          baseline_key=config.key(), progress=progress)
+        baseline = models.load_or_train_baseline(models.BaselineConfig(), splits)[0]
+    sizes = {name: models.kernel(baseline, name).size for name in models.weight_layers(baseline)}
+    targets = targets_from_sensitivity(cached_sweep(baseline, splits, progress=progress), sizes, HEADLINE_SPARSITY)
+    unstructured, _ = cached_prune("unstructured-80", baseline, targets, splits, UNSTRUCTURED_PLAN,
+                                   frequency=UNSTRUCTURED_FREQUENCY, progress=progress)
+    small, _ = structured.cached_thin("structured-l1", baseline, structured.HEADLINE_KEEP, splits,
+                                      structured.HEADLINE_PLAN, progress=progress)
     return {"baseline": baseline, "unstructured": unstructured, "structured": small, "targets": targets}
 
 
@@ -669,20 +483,13 @@ def benchmark(repeats: int = 300, threads: int = 1) -> pd.DataFrame:
     paths = {"baseline": models.baseline_tflite(),
              "unstructured": export_tflite(found["unstructured"], PRUNING_DIR / "unstructured-80.tflite"),
              "structured": export_tflite(found["structured"], PRUNING_DIR / "structured-l1.tflite")}
-    runners = [measure.litert(p, num_threads=threads, name=n) for n, p in paths.items()]
-    latency = measure.measure_latency(runners, splits.x_test[:200], warmup=30, repeats=repeats)
-    table = pd.DataFrame({
-        "accuracy": [measure.accuracy(r, splits.x_test, splits.y_test) for r in runners],
-        "gzip_bytes": [measure.gzip_bytes(p) for p in paths.values()],
-        "macs": [measure.count_macs(found[n]) for n in paths],
-        "latency_p50_us": [latency.p50(n) for n in paths],
-        "latency_p95_us": [latency.p95(n) for n in paths]}, index=list(paths))
+    table, _ = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_test[:200],
+                                    reference="baseline", repeats=repeats, warmup=30, threads=threads)
+    table["macs"] = [measure.count_macs(found[n]) for n in table.index]
     checks = target_checks(table)
-    print(f"machine: {measure.machine_string()}")
-    print(f"LiteRT XNNPACK, {threads} thread(s), batch 1, {repeats} interleaved calls per model")
-    with pd.option_context("display.width", 160):
-        print(table.round(4).to_string())
-        print(checks.round(3).to_string())
+    print(f"machine: {measure.machine_string()}\nLiteRT XNNPACK, {threads} thread(s), batch 1, "
+          f"{repeats} interleaved calls per model\n{table.drop(columns=['artifact']).round(4).to_string()}\n"
+          f"{checks.round(3).to_string()}")
     return checks
 
 

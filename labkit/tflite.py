@@ -104,6 +104,22 @@ def ops(path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["op", "fused_activation", "output_shape", "inputs", "outputs"])
 
 
+def delegated_ops(path, num_threads: int = 1) -> pd.DataFrame:
+    """The ops as an interpreter with XNNPACK (LiteRT's default CPU delegate) runs them.
+
+    Each op XNNPACK takes over disappears into a DELEGATE op; what stays outside runs on LiteRT's
+    built-in kernels. Columns op, inputs, outputs (tensor indices), in execution order.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+    path = check(path)
+    with labkit.quiet_stderr():
+        found = Interpreter(model_path=str(path), num_threads=num_threads)
+        found.allocate_tensors()
+    return pd.DataFrame([{"op": d["op_name"], "inputs": [int(i) for i in d["inputs"]],
+                          "outputs": [int(i) for i in d["outputs"]]} for d in _op_details(found)],
+                        columns=["op", "inputs", "outputs"])
+
+
 def op_names(path) -> list[str]:
     """The ops of a .tflite model in execution order (no delegate applied)."""
     return list(ops(path)["op"])

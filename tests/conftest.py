@@ -33,6 +33,21 @@ def tiny_model(tmp_path_factory, tiny_config, splits):
 
 
 @pytest.fixture(scope="session")
+def tiny_bn_model(tiny_model):
+    """A copy of tiny_model whose batch norms are far from the identity they start at, so that
+    folding them, or zeroing a filter before them, visibly matters."""
+    from labkit import models
+    model = models.clone_with_weights(tiny_model)
+    rng = np.random.default_rng(0)
+    for name in ("bn1", "bn2"):
+        layer = model.get_layer(name)
+        channels = layer.get_weights()[0].shape[0]
+        layer.set_weights([rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.5, channels),
+                           rng.normal(0, 0.5, channels), rng.uniform(0.5, 2.0, channels)])
+    return model
+
+
+@pytest.fixture(scope="session")
 def tiny_plain_model(splits):
     """models.build_cnn((4, 8), 16, batchnorm=False) trained like tiny_model: conv layers with bias."""
     from labkit import models

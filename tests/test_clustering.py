@@ -50,6 +50,14 @@ def test_starts():
     assert clustering.init_centroids(far, 2, "kmeans++", seed=0).max() == 100.0
 
 
+def test_kmeans_leaves_an_empty_cluster_where_it_is():
+    """A duplicate start (tfmot's density start has them) leaves a cluster empty; its centroid stays put."""
+    x = np.random.default_rng(4).choice([-1.0, -0.9, 0.25, 1.0], size=200)
+    codebook = clustering.kmeans(x, 4, centroids=[-1.0, 0.6, 0.6, 1.0])
+    np.testing.assert_allclose(codebook.centroids, [x[x < 0].mean(), 0.25, 0.6, 1.0], atol=1e-7)
+    assert np.bincount(codebook.indices, minlength=4)[2] == 0
+
+
 def test_codebook_storage_and_decode():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((100, 10)).astype(np.float32)
@@ -70,7 +78,7 @@ def test_bad_cluster_counts(k):
 
 
 def test_bad_settings_raise_clear_errors(tiny_model):
-    n_conv1 = clustering.kernel(tiny_model, "conv1").size          # 3 * 3 * 1 * 4 = 36
+    n_conv1 = models.kernel(tiny_model, "conv1").size          # 3 * 3 * 1 * 4 = 36
     with pytest.raises(ValueError, match=f"more than the {n_conv1} weights of layer conv1"):
         clustering.cluster_model(tiny_model, n_conv1 + 1)
     with pytest.raises(ValueError, match="at least 2"):
@@ -85,8 +93,8 @@ def test_bad_settings_raise_clear_errors(tiny_model):
         clustering.cluster_model(tiny_model, 2, preserve_sparsity=True)
     with pytest.raises(ValueError, match="no layer named"):
         clustering.cluster_model(tiny_model, 4, layers=("dense9",))
-    with pytest.raises(ValueError, match="sparsity"):
-        clustering.prune_model(tiny_model, 1.0)
+    with pytest.raises(ValueError, match="splits"):
+        clustering.cluster(tiny_model, 4, plan=models.FineTune(train_subset=64))
     with pytest.raises(ValueError, match="starting centroids"):
         clustering.kmeans(np.arange(10.0), 3, centroids=[0.0, 1.0])
 
@@ -120,52 +128,53 @@ def test_starts_agree_with_tfmot(tiny_model):
 
 # ----------------------------------------------------------------------------- whole model
 
+PLAN = models.FineTune(train_subset=256, batch_size=64, learning_rate=1e-3)   # 4 steps
+
+
 def test_cluster_fine_tune_strip(tiny_model, splits):
     before = [w.copy() for w in tiny_model.get_weights()]
-    wrapped = clustering.cluster_model(tiny_model, 4)
-    start = clustering.unique_values(clustering.strip(wrapped))
-    models.train(wrapped, splits.x_train[:256], splits.y_train[:256], epochs=1, batch_size=64,
-                 learning_rate=1e-3, progress=False)
-    stripped = clustering.strip(wrapped)
-    assert all(n <= 4 for n in start.values())
+    start, record_start = clustering.cluster(tiny_model, 4)   # no plan: clustered, not fine-tuned
+    stripped, record = clustering.cluster(tiny_model, 4, splits, PLAN, progress=False)
+    assert "history" not in record_start and len(record["history"]["loss"]) == 1
+    assert record["layers"] == ["conv1", "conv2", "dense1", "logits"]
+    assert all(n <= 4 for n in clustering.unique_values(start).values())
     assert all(n <= 4 for n in clustering.unique_values(stripped).values())
     assert [l.name for l in stripped.layers] == [l.name for l in tiny_model.layers]
     for w, w0 in zip(tiny_model.get_weights(), before):   # the caller's model is untouched
         np.testing.assert_array_equal(w, w0)
-    assert not np.array_equal(clustering.kernel(stripped, "dense1"),
-                              clustering.strip(clustering.cluster_model(tiny_model, 4)).get_layer("dense1").get_weights()[0]), \
+    assert not np.array_equal(models.kernel(stripped, "dense1"), models.kernel(start, "dense1")), \
         "fine-tuning should move the centroids"
 
 
 def test_preserve_sparsity_keeps_zeros(tiny_model, splits):
     pruned = models.clone_with_weights(tiny_model)
-    w = clustering.kernel(pruned, "dense1").copy()
+    w = models.kernel(pruned, "dense1").copy()
     w[np.abs(w) < np.median(np.abs(w))] = 0.0
     pruned.get_layer("dense1").set_weights([w, pruned.get_layer("dense1").get_weights()[1]])
-    results = {}
-    for preserve in (False, True):
-        wrapped = clustering.cluster_model(pruned, 8, layers=("dense1",), preserve_sparsity=preserve)
-        models.train(wrapped, splits.x_train[:256], splits.y_train[:256], epochs=1, batch_size=64,
-                     learning_rate=1e-3, progress=False)
-        results[preserve] = clustering.kernel(clustering.strip(wrapped), "dense1")
+    results = {preserve: models.kernel(clustering.cluster(pruned, 8, splits, PLAN, layers=("dense1",),
+                                                          preserve_sparsity=preserve, progress=False)[0], "dense1")
+               for preserve in (False, True)}
     kept = results[True]
     assert np.all(kept[w == 0] == 0) and np.unique(kept).size <= 8
     assert np.mean(results[False] == 0) < 0.1, "without preserve_sparsity training should revive the zeros"
 
 
-def test_load_or_cluster_caches(tmp_path, tiny_model, splits):
-    config = clustering.ClusterConfig(k=4, train_subset=128, batch_size=64, start="tiny")
-    model, record = clustering.load_or_cluster(tiny_model, config, splits, directory=tmp_path, progress=False)
-    again, record_again = clustering.load_or_cluster(tiny_model, config, splits, directory=tmp_path, progress=False)
-    assert record_again["trained_at"] == record["trained_at"]
-    np.testing.assert_array_equal(clustering.kernel(model, "dense1"), clustering.kernel(again, "dense1"))
-    assert clustering.ClusterConfig(k=8, start="tiny").key() != config.key()
+def test_cached_cluster_keys_on_the_input_models_weights(tmp_path, tiny_model, splits):
+    model, record = clustering.cached_cluster(tiny_model, 4, splits, PLAN, directory=tmp_path, progress=False)
+    again, record_again = clustering.cached_cluster(tiny_model, 4, splits, PLAN, directory=tmp_path, progress=False)
+    assert not record["cached"] and record_again["cached"]
+    np.testing.assert_array_equal(models.kernel(model, "dense1"), models.kernel(again, "dense1"))
+    other = models.clone_with_weights(tiny_model)   # same settings, different weights: a new entry
+    other.get_layer("conv1").kernel.assign(2 * other.get_layer("conv1").kernel)
+    _, record_other = clustering.cached_cluster(other, 4, splits, PLAN, directory=tmp_path, progress=False)
+    assert not record_other["cached"] and record_other["inputs"] != record["inputs"]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.keras")) == ["clustered", "clustered"]
 
 
 def test_sizes(tmp_path, tiny_model):
     model = clustering.strip(clustering.cluster_model(tiny_model, 4))
     table = clustering.storage_table(model)
-    n = clustering.kernel(model, "dense1").size
+    n = models.kernel(model, "dense1").size
     assert table.loc["dense1", "codebook_index_bytes"] == 4 * 4 + math.ceil(n * 2 / 8)
     assert (table["entropy_coded_bytes"] <= table["codebook_index_bytes"]).all()
     assert table.loc["total", "weights"] == measure.count_params(model)["params"]
@@ -175,4 +184,8 @@ def test_sizes(tmp_path, tiny_model):
     assert abs(measure.size_bytes(clustered) - measure.size_bytes(plain)) < 0.01 * measure.size_bytes(plain)
     assert measure.gzip_bytes(clustered) < measure.gzip_bytes(plain)
     in_file = clustering.tflite_unique_values(clustered, min_size=20)
-    assert (in_file.loc[in_file.index.str.contains("MatMul"), "unique_values"] <= 4).all()
+    assert set(in_file.index) == {"conv1", "conv2", "dense1", "logits"}   # conv1: 36 weights >= 20
+    assert (in_file.loc[["dense1", "logits"], "unique_values"] <= 4).all()
+    # batch norm folded into the convolutions scales each output channel: more than k values in the file
+    assert (in_file.loc[["conv1", "conv2"], "unique_values"] > 4).all()
+    assert "dense1" not in clustering.tflite_unique_values(clustered, min_size=n + 1).index
