@@ -1,23 +1,21 @@
-"""Graph optimization and faster runtimes (notebook 05): `python -m labkit.graph` prints the figures.
+"""Graph optimization (notebook 05, sections 1-4): `python -m labkit.graph` prints the figures.
 
-What happens between a Keras model and fast machine code, one step at a time:
+Owns what happens between a Keras model and the graph a runtime executes, one step at a time:
 
 1. freeze: the variables of a traced function become constants (op counts before and after);
 2. Grappler: TensorFlow's graph optimizer folds constants and fuses op patterns;
-3. batch-norm folding by hand, checked against the unfolded model and against the TFLite converter;
-4. XLA: compile cost on the first call at each new shape, then the steady state;
-5. the same model on every runtime at hand (TF, SavedModel, LiteRT, ONNX Runtime, TF-TRT);
-6. the compute floor: the model's MACs against a peak MAC rate measured with a large convolution.
+3. batch-norm folding: `fold_conv_bn` (the math) and `fold_batchnorm`, the book's only BN folding
+   (notebook 07's pipeline and notebook 04's int8 check use it too), checked against the unfolded
+   model and against the TFLite converter's weights;
+4. XLA: compile cost on the first call at each new shape, then the steady state.
 
+Running the model on other runtimes and the compute floor are in `labkit/runtimes.py`.
 Functions return models, graphs and numbers; the notebook draws.
 """
 from __future__ import annotations
 
 import collections
-import re
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import labkit
@@ -28,7 +26,7 @@ with labkit.quiet_stderr():  # `python -m labkit.graph` imports TensorFlow here,
     import tensorflow as tf
 import tf_keras as keras
 
-from labkit import ARTIFACTS_DIR, measure
+from labkit import ARTIFACTS_DIR, measure, tflite
 
 GRAPH_DIR = ARTIFACTS_DIR / "graph"
 LARGE_BATCH = 256            # "a large batch" everywhere in notebook 05
@@ -189,10 +187,19 @@ def foldable(layer, following) -> bool:
             and list(following.axis) in ([3], [-1]))
 
 
+def plain_relu(layer) -> bool:
+    """True for a ReLU layer (or Activation("relu")) that a conv can take over as its own activation."""
+    if isinstance(layer, keras.layers.ReLU):
+        return layer.max_value is None and float(layer.negative_slope) == 0 and float(layer.threshold) == 0
+    return isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.relu
+
+
 def fold_batchnorm(model: keras.Model, name: str | None = None) -> keras.Model:
     """A copy of a chain model with each Conv2D -> BatchNormalization pair merged into one Conv2D with a bias.
 
-    Other layers are copied with their weights. Raises ValueError for a model with branches.
+    A ReLU right after the pair becomes the conv's own activation, so a build_cnn(batchnorm=True)
+    model comes out laid out as build_cnn(batchnorm=False): conv{i} (bias, ReLU) -> pool{i} ... with
+    every other layer's name and weights kept. Raises ValueError for a model with branches.
     """
     layers = _check_chain(model)
     inputs = keras.Input(shape=model.input_shape[1:], name=model.input_names[0])
@@ -204,8 +211,10 @@ def fold_batchnorm(model: keras.Model, name: str | None = None) -> keras.Model:
             kernel = layer.kernel.numpy()
             bias = layer.bias.numpy() if layer.use_bias else np.zeros(kernel.shape[-1], np.float32)
             weights = fold_conv_bn(kernel, bias, *_bn_parameters(following), following.epsilon)
-            new = keras.layers.Conv2D.from_config({**layer.get_config(), "use_bias": True})
-            i += 2
+            relu = i + 2 < len(layers) and plain_relu(layers[i + 2])
+            new = keras.layers.Conv2D.from_config({**layer.get_config(), "use_bias": True,
+                                                   "activation": "relu" if relu else "linear"})
+            i += 3 if relu else 2
         else:
             weights = layer.get_weights()
             new = layer.__class__.from_config(layer.get_config())
@@ -235,62 +244,29 @@ def export(model: keras.Model, stem: str, directory: Path = GRAPH_DIR) -> dict:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"keras": directory / f"{stem}.keras", "tflite": directory / f"{stem}_float32.tflite"}
-    model.save(paths["keras"])
-    with labkit.quiet_stderr():
-        models.save_tflite(model, paths["tflite"])
+    tmp = paths["keras"].with_name(f"{stem}.tmp.keras")
+    model.save(tmp)
+    tmp.replace(paths["keras"])
+    models.save_tflite(model, paths["tflite"])
     return paths
 
 
-# ----------------------------------------------------------------------------- reading .tflite files
-
-def _read_tflite(path):
-    from ai_edge_litert import schema_py_generated as schema
-    return schema.ModelT.InitFromPackedBuf(bytearray(measure.check_tflite(path).read_bytes()), 0)
-
-
-def _enum_names(enum_class) -> dict:
-    return {v: k for k, v in vars(enum_class).items() if not k.startswith("_")}
-
+# ----------------------------------------------------------------------------- what the converter made of it
 
 def tflite_ops(path) -> pd.DataFrame:
     """Every operator of a .tflite file in execution order: op, fused activation, output shape."""
-    from ai_edge_litert import schema_py_generated as schema
-    model = _read_tflite(path)
-    op_names = _enum_names(schema.BuiltinOperator)
-    activations = _enum_names(schema.ActivationFunctionType)
-    graph = model.subgraphs[0]
-    rows = []
-    for op in graph.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        # Codes above 127 live in builtinCode; older files keep the rest in deprecatedBuiltinCode.
-        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-        fused = getattr(op.builtinOptions, "fusedActivationFunction", None)
-        output = graph.tensors[op.outputs[0]]
-        rows.append({"op": op_names.get(builtin, f"custom/{builtin}"),
-                     "fused_activation": activations[fused] if fused is not None else "",
-                     "output_shape": tuple(int(d) for d in output.shape)})
-    return pd.DataFrame(rows)
+    return tflite.ops(path)[["op", "fused_activation", "output_shape"]]
 
 
 def tflite_conv_weights(path) -> list:
     """(kernel in Keras HWIO layout, bias) of every float32 CONV_2D in a .tflite file, in order."""
-    from ai_edge_litert import schema_py_generated as schema
-    model = _read_tflite(path)
-    graph = model.subgraphs[0]
-
-    def constant(index):
-        tensor = graph.tensors[index]
-        data = model.buffers[tensor.buffer].data
-        if data is None or tensor.type != schema.TensorType.FLOAT32:
-            raise ValueError(f"tensor {tensor.name!r} of {path} is not a stored float32 constant")
-        return np.asarray(data, np.uint8).view(np.float32).reshape(tensor.shape)
-
     out = []
-    for op in graph.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.CONV_2D:
-            kernel_ohwi = constant(op.inputs[1])
-            out.append((kernel_ohwi.transpose(1, 2, 3, 0), constant(op.inputs[2])))
+    for layer, w in tflite.weights(path).items():
+        if w["op"] != "CONV_2D":
+            continue
+        if w["dtype"] != np.float32 or w["bias"] is None:
+            raise ValueError(f"{layer} of {path} is not a float32 convolution with a bias (stored {w['dtype']})")
+        out.append((w["values"].transpose(1, 2, 3, 0), w["bias"]))   # the file stores OHWI
     return out
 
 
@@ -349,240 +325,11 @@ def bucketed(runner: measure.Runner, buckets, name: str | None = None) -> measur
                           f"{runner.timed}; zero-padded up to the next of {buckets}", runner.threads)
 
 
-# ----------------------------------------------------------------------------- 5. runtimes
-
-def onnx_status() -> tuple:
-    """(True, versions) where tf2onnx and onnxruntime import, else (False, why)."""
-    try:
-        import onnxruntime
-        import tf2onnx
-    except Exception as error:  # ImportError, or a broken install that fails while importing
-        return False, (f"tf2onnx/onnxruntime unavailable ({type(error).__name__}: {error}); "
-                       "`pip install tf2onnx onnxruntime` adds them")
-    return True, f"tf2onnx {tf2onnx.__version__}, onnxruntime {onnxruntime.__version__}"
-
-
-def export_onnx(model: keras.Model, path, opset: int = 17) -> Path:
-    """The model converted by tf2onnx (any batch size) and written to path."""
-    import logging
-    import tf2onnx
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    spec = (tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image"),)
-    with labkit.quiet_stderr():
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(proto.SerializeToString())
-    return path
-
-
-def onnx_ops(path) -> list:
-    """The op types of an .onnx file's graph, in order (tf2onnx folds batch norm too)."""
-    import onnx
-    return [node.op_type for node in onnx.load(str(path)).graph.node]
-
-
-def onnx_runner(path, num_threads: int = 1, name: str | None = None) -> measure.Runner:
-    """An .onnx file in ONNX Runtime's CPU provider with `num_threads` intra-op threads."""
-    import onnxruntime as ort
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No .onnx file at {path}. Convert one first (export_onnx).")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = num_threads, 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:
-        raise ValueError(f"{path} is not a model ONNX Runtime can load: {error}") from None
-    input_name = session.get_inputs()[0].name
-    runner = measure.Runner(name or f"ONNX Runtime {num_threads} thread(s)",
-                            lambda x: session.run(None, {input_name: x})[0],
-                            "InferenceSession.run with a NumPy feed, outputs as NumPy", threads=num_threads)
-    runner.session = session
-    return runner
-
-
-def tensorrt_status() -> tuple:
-    """(True, version) where TF-TRT can run: an NVIDIA GPU and a TensorFlow built with TensorRT; else (False, why)."""
-    if not tf.config.list_physical_devices("GPU"):
-        return False, "no NVIDIA GPU is visible to TensorFlow"
-    try:
-        from tensorflow.compiler.tf2tensorrt import _pywrap_py_utils as trt_utils
-    except ImportError as error:
-        return False, f"this TensorFlow has no TF-TRT module ({error})"
-    if not trt_utils.is_tensorrt_enabled():
-        return False, ("this TensorFlow build has TensorRT support compiled out (the pip wheels do; "
-                       "NVIDIA's TensorFlow containers keep it)")
-    loaded = trt_utils.get_loaded_tensorrt_version()
-    if not loaded or loaded[0] == 0:
-        return False, "the TensorRT libraries (libnvinfer) could not be loaded"
-    return True, "TensorRT " + ".".join(map(str, loaded))
-
-
-def tftrt_convert(saved_model_dir, output_dir, images: np.ndarray, precision: str = "FP16") -> Path:
-    """A SavedModel rewritten by TF-TRT (TensorRT engines built for images' batch size), saved to output_dir."""
-    if precision not in ("FP32", "FP16"):
-        raise ValueError(f"precision must be 'FP32' or 'FP16' (INT8 needs calibration), got {precision!r}")
-    ok, why = tensorrt_status()
-    if not ok:
-        raise RuntimeError(f"TF-TRT cannot run here: {why}")
-    from tensorflow.python.compiler.tensorrt import trt_convert as trt
-    converter = trt.TrtGraphConverterV2(input_saved_model_dir=str(measure.check_saved_model(saved_model_dir)),
-                                        precision_mode=precision)
-    converter.convert()
-
-    def input_fn():  # one batch of the shape to serve: TensorRT builds its engines now, not on the first call
-        yield (tf.constant(images, tf.float32),)
-    converter.build(input_fn=input_fn)
-    converter.save(str(output_dir))
-    return Path(output_dir)
-
-
-def runtime_runners(model: keras.Model, paths: dict, onnx_path=None) -> list:
-    """One runner per runtime for the same model: `paths` from models.export_baseline, `onnx_path` if any.
-
-    TensorFlow runtimes use every core (threads None); LiteRT and ONNX Runtime state their threads.
-    """
-    runners = [measure.keras_predict(model), measure.keras_call(model), measure.tf_function(model),
-               measure.tf_function(model, "tf.function + XLA", jit_compile=True)]
-    for runner in runners:
-        runner.artifact = str(paths["keras"])
-    runners.append(measure.saved_model(paths["savedmodel"]))
-    cores = measure.machine_info()["usable_cores"]
-    for threads in sorted({1, min(2, cores)}):
-        label = f"LiteRT XNNPACK {threads} thread{'s' if threads > 1 else ''}"
-        runners.append(measure.litert(paths["tflite"], threads, name=label))
-    runners.append(measure.litert(paths["tflite"], 1, xnnpack=False, name="LiteRT built-in kernels 1 thread"))
-    if onnx_path is not None:
-        runners.append(onnx_runner(onnx_path, 1, name="ONNX Runtime 1 thread"))
-    return runners
-
-
-def variant_name(runner_name: str, prefix: str = "runtime") -> str:
-    """'LiteRT XNNPACK 2 threads' -> 'runtime-litert-xnnpack-2-threads': a results-store variant name."""
-    return f"{prefix}-" + re.sub(r"[^a-z0-9]+", "-", runner_name.lower()).strip("-")
-
-
-# ----------------------------------------------------------------------------- 6. the compute floor
-
-@dataclass
-class Probe:
-    """A one-convolution .tflite model used to measure how many MACs per second LiteRT can reach."""
-    path: Path
-    precision: str
-    macs: int
-
-
-def conv_probe(size: int = 56, channels: int = 64, kernel: int = 3) -> keras.Model:
-    """One size x size x channels -> channels convolution at batch 1: many MACs, little else."""
-    if min(size, channels, kernel) < 1 or kernel > size:
-        raise ValueError(f"size, channels and kernel must be positive with kernel <= size, "
-                         f"got {size}, {channels}, {kernel}")
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((size, size, channels), batch_size=1, name="probe_input")
-    outputs = keras.layers.Conv2D(channels, kernel, padding="same", use_bias=False, name="probe_conv")(inputs)
-    return keras.Model(inputs, outputs, name=f"conv_probe_{size}x{size}x{channels}_k{kernel}")
-
-
-def export_probes(size: int = 56, channels: int = 64, kernel: int = 3,
-                  directory: Path = GRAPH_DIR) -> list:
-    """The probe as float32 and full-int8 .tflite files (written once per shape): [Probe, Probe]."""
-    model = conv_probe(size, channels, kernel)
-    macs = measure.count_macs(model)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    probes = []
-    for precision in ("fp32", "int8"):
-        path = directory / f"{model.name}_{precision}.tflite"
-        if not path.is_file():
-            converter = tf.lite.TFLiteConverter.from_keras_model(model)
-            if precision == "int8":
-                rng = np.random.default_rng(0)
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                converter.representative_dataset = lambda: (
-                    [rng.random((1, size, size, channels), dtype=np.float32)] for _ in range(4))
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-                converter.inference_input_type = converter.inference_output_type = tf.int8
-            tmp = path.with_name(path.stem + ".tmp.tflite")
-            with warnings.catch_warnings(), labkit.quiet_stderr():
-                warnings.simplefilter("ignore")
-                tmp.write_bytes(converter.convert())
-            tmp.replace(path)
-        probes.append(Probe(path, precision, macs))
-    return probes
-
-
-def _probe_runner(probe: Probe, threads: int) -> measure.Runner:
-    """Invoke the probe on a fixed random input; the image measure_latency hands over is ignored."""
-    from ai_edge_litert.interpreter import Interpreter
-    with labkit.quiet_stderr():
-        interpreter = Interpreter(model_path=str(measure.check_tflite(probe.path)), num_threads=threads)
-        interpreter.allocate_tensors()
-    detail = interpreter.get_input_details()[0]
-    rng = np.random.default_rng(0)
-    if detail["dtype"] == np.float32:
-        x = rng.random(detail["shape"], dtype=np.float32)
-    else:
-        x = rng.integers(-128, 128, detail["shape"]).astype(detail["dtype"])
-    interpreter.set_tensor(detail["index"], x)
-    runner = measure.Runner(f"probe {probe.precision} {threads} thread(s)", lambda _: interpreter.invoke(),
-                            "invoke only (input set once)", threads=threads)
-    runner.interpreter = interpreter
-    return runner
-
-
-def peak_mac_rate(probes, threads=(1, 2), repeats: int = 40, warmup: int = 3) -> pd.DataFrame:
-    """MACs per second each probe reaches on LiteRT with XNNPACK at each thread count, timed interleaved."""
-    if not threads or min(threads) < 1:
-        raise ValueError(f"threads must be positive counts, got {threads}")
-    pairs = [(probe, n) for probe in probes for n in threads]
-    runners = [_probe_runner(probe, n) for probe, n in pairs]
-    latency = measure.measure_latency(runners, np.zeros((1, 28, 28, 1), np.float32),
-                                      warmup=warmup, repeats=repeats)
-    rows = []
-    for (probe, n), runner in zip(pairs, runners):
-        p50 = latency.p50(runner.name)
-        rows.append({"precision": probe.precision, "threads": n, "macs": probe.macs,
-                     "latency_p50_us": p50, "gmacs_per_s": probe.macs / p50 / 1e3})
-    return pd.DataFrame(rows)
-
-
-def compute_floor(macs_per_image: int, latency, throughput: pd.Series, peak: pd.DataFrame,
-                  batch_size: int = LARGE_BATCH) -> pd.DataFrame:
-    """Per runtime: the MAC rate reached at batch 1 and at a large batch, as a fraction of the fp32 peak.
-
-    A runner is compared with the best fp32 rate measured at its thread count or fewer; threads=None
-    (TensorFlow, every core) counts as the most threads measured.
-    `overhead_us` = batch-1 p50 minus the per-image time at the large batch: the fixed cost of one
-    call (Python, argument conversion, dispatch, thread wake-up) that a large batch spreads thin.
-    """
-    fp32 = peak[peak["precision"] == "fp32"].set_index("threads")["gmacs_per_s"]
-    summary = latency.summary()
-    rows = []
-    for name, row in summary.iterrows():
-        threads = int(row["threads"]) if pd.notna(row["threads"]) else int(fp32.index.max())
-        # n threads can do at least what fewer threads did: on a busy machine 2 threads may measure slower
-        peak_gmacs = float(fp32[fp32.index <= threads].max())
-        ips = float(throughput[name])
-        gmacs_1 = macs_per_image / row["latency_p50_us"] / 1e3
-        gmacs_n = macs_per_image * ips / 1e9
-        rows.append({"runner": name, "latency_p50_us": row["latency_p50_us"],
-                     "latency_p95_us": row["latency_p95_us"], f"throughput_ips_b{batch_size}": ips,
-                     "peak_threads": threads, "peak_gmacs_per_s": peak_gmacs,
-                     "gmacs_batch1": gmacs_1, f"gmacs_b{batch_size}": gmacs_n,
-                     "fraction_of_peak_batch1": gmacs_1 / peak_gmacs,
-                     f"fraction_of_peak_b{batch_size}": gmacs_n / peak_gmacs,
-                     "overhead_us": row["latency_p50_us"] - 1e6 / ips})
-    return pd.DataFrame(rows).set_index("runner")
-
-
 # ----------------------------------------------------------------------------- the benchmark
 
 def benchmark(repeats: int = 200, batch_size: int = LARGE_BATCH, images: int = 2048) -> dict:
     """Measure notebook 05's target figures in one run and print them (python -m labkit.graph)."""
-    from labkit import models
+    from labkit import models, runtimes
     from labkit.data import load_mnist
     splits = load_mnist()
     model, _ = models.load_or_train_baseline()
@@ -603,23 +350,23 @@ def benchmark(repeats: int = 200, batch_size: int = LARGE_BATCH, images: int = 2
     print("\nfirst call against steady state, tf.function with and without XLA:")
     print(costs.round(2).to_string(index=False))
 
-    ok, why = onnx_status()
-    onnx_path = export_onnx(model, GRAPH_DIR / f"baseline-{models.BaselineConfig().key()}.onnx") if ok else None
+    ok, why = runtimes.onnx_status()
+    onnx_path = runtimes.export_onnx(model, GRAPH_DIR / f"baseline-{models.BaselineConfig().key()}.onnx") if ok else None
     if not ok:
         print(f"\nONNX Runtime skipped: {why}")
-    runners = runtime_runners(model, paths, onnx_path)
+    runners = runtimes.runtime_runners(model, paths, onnx_path)
     with labkit.quiet_stderr():  # model.predict's tf.data pipeline logs a harmless C++ line every few seconds
         latency = measure.measure_latency(runners, splits.x_test[:100], warmup=10, repeats=repeats)
         throughput = measure.measure_throughput(runners, splits.x_test[:images], batch_size=batch_size)
     cores = measure.machine_info()["usable_cores"]
-    peak = peak_mac_rate(export_probes(), threads=sorted({1, min(2, cores), cores}))
-    floor = compute_floor(measure.count_macs(model), latency, throughput, peak, batch_size)
+    peak = runtimes.peak_mac_rate(runtimes.export_probes(), threads=sorted({1, min(2, cores), cores}))
+    floor = runtimes.compute_floor(measure.count_macs(model), latency, throughput, peak, batch_size)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print("\npeak MAC rate of a large convolution on LiteRT XNNPACK:")
         print(peak.round(1).to_string(index=False))
         print(f"\nruntimes, batch-1 latency ({repeats} interleaved calls) and throughput at batch {batch_size}:")
         print(floor.round(3).to_string())
-    ok, why = tensorrt_status()
+    ok, why = runtimes.tensorrt_status()
     print(f"\nTF-TRT: {'available, ' + why if ok else 'skipped: ' + why}")
     return {"fold_max_abs_diff": fold_diff, "fold_latency": fold_summary, "xla": costs, "peak": peak,
             "floor": floor}

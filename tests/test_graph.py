@@ -1,14 +1,10 @@
-"""Tests for labkit.graph (notebook 05): freezing, Grappler, batch-norm folding, XLA, runtimes, compute floor."""
-import labkit
+"""Tests for labkit.graph (notebook 05): freezing, Grappler, batch-norm folding, XLA."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
 
-labkit.setup(seed=0)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
-
-from labkit import graph, measure, models  # noqa: E402
+from labkit import graph, measure, models
 
 
 def randomize_batchnorm(model, seed=0):
@@ -26,18 +22,9 @@ def randomize_batchnorm(model, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = models.build_baseline(models.BaselineConfig(conv_filters=(4, 8), dense_units=16))
-    rng = np.random.default_rng(6)
-    for layer in model.layers:  # untrained biases are zero, and Grappler would fold their BiasAdd away
-        if isinstance(layer, keras.layers.Dense):
-            layer.bias.assign(rng.normal(0, 0.1, layer.bias.shape).astype(np.float32))
-    return randomize_batchnorm(model)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(1).random((16, 28, 28, 1), dtype=np.float32)
+def tiny(tiny_model):
+    """A copy of conftest's tiny_model (trained, so its biases are non-zero) with far-from-identity batch norms."""
+    return randomize_batchnorm(models.clone_with_weights(tiny_model))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +67,7 @@ def test_grappler_fuses_conv_batchnorm_relu_and_keeps_the_output(tiny, frozen, i
 
 
 def test_constant_folding_drops_an_add_of_zeros():
-    model = models.build_baseline(models.BaselineConfig(conv_filters=(4,), dense_units=8))  # biases all zero
+    model = models.build_cnn((4,), 8)  # untrained: its dense biases are all zero
     _, function = graph.freeze(model)
     assert graph.op_counts(function.graph.as_graph_def())["BiasAdd"] == 2
     assert graph.op_counts(graph.grappler(function, passes=("dependency",)))["BiasAdd"] == 2
@@ -118,6 +105,30 @@ def test_fold_batchnorm_removes_every_bn_and_keeps_the_outputs(tiny, images):
     conv_biases = sum(c.filters for c in convs)
     assert folded.count_params() == tiny.count_params() - bn_params + conv_biases
     assert graph.max_abs_diff(tiny, folded, images, batch_size=5) <= 1e-4
+
+
+def test_fold_batchnorm_gives_the_layout_of_build_cnn_without_batchnorm(tiny, images):
+    folded = graph.fold_batchnorm(tiny)
+    plain = models.build_cnn((4, 8), 16, batchnorm=False)
+    assert [(l.name, type(l).__name__) for l in folded.layers] == [(l.name, type(l).__name__) for l in plain.layers]
+    for name in ("conv1", "conv2"):
+        conv = folded.get_layer(name)
+        assert conv.use_bias and conv.activation is keras.activations.relu, name
+    plain.set_weights(folded.get_weights())   # same shapes, same order: pipeline and structured rely on it
+    assert graph.max_abs_diff(tiny, plain, images) <= 1e-4
+    assert models.weight_layers(folded) == models.weight_layers(tiny)
+
+
+def test_fold_keeps_a_relu_it_cannot_take_over(images):
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(3, 3, use_bias=False),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU(max_value=0.5),
+                              keras.layers.Flatten(), keras.layers.Dense(4)])
+    randomize_batchnorm_partial(model)
+    folded = graph.fold_batchnorm(model)
+    assert [type(l).__name__ for l in folded.layers[1:]] == ["Conv2D", "ReLU", "Flatten", "Dense"]
+    assert folded.layers[1].activation is keras.activations.linear
+    assert graph.max_abs_diff(model, folded, images) <= 1e-5
 
 
 def test_fold_handles_a_conv_bias_and_a_bn_without_scale_or_center(images):
@@ -200,95 +211,3 @@ def test_xla_compile_costs_has_one_row_per_runner_and_batch(tiny, images):
     assert (table[["first_call_ms", "steady_ms"]] > 0).all().all()
     with pytest.raises(ValueError):
         graph.xla_compile_costs(tiny, images, batch_sizes=(1, 999))
-
-
-# ----------------------------------------------------------------------------- runtimes
-
-def test_runtime_runners_agree_with_the_model(tiny, images, tmp_path):
-    paths = {"keras": tmp_path / "tiny.keras", "savedmodel": tmp_path / "tiny_savedmodel",
-             "tflite": tmp_path / "tiny.tflite"}
-    tiny.save(paths["keras"])
-    tf.saved_model.save(tiny, str(paths["savedmodel"]))
-    models.save_tflite(tiny, paths["tflite"])
-    onnx_path = graph.export_onnx(tiny, tmp_path / "tiny.onnx") if graph.onnx_status()[0] else None
-    if onnx_path is not None:
-        ops = graph.onnx_ops(onnx_path)
-        assert ops.count("Conv") == 2 and "BatchNormalization" not in ops, ops
-    runners = graph.runtime_runners(tiny, paths, onnx_path)
-    names = [r.name for r in runners]
-    assert len(set(names)) == len(names) and len({graph.variant_name(n) for n in names}) == len(names)
-    assert any("without" in r.name or "built-in" in r.name for r in runners)
-    reference = tiny(images, training=False).numpy()
-    for runner in runners:
-        np.testing.assert_allclose(runner(images[:3]), reference[:3], atol=1e-4, err_msg=runner.name)
-
-
-def test_variant_name():
-    assert graph.variant_name("LiteRT XNNPACK 2 threads") == "runtime-litert-xnnpack-2-threads"
-    assert graph.variant_name("tf.function, BN folded", "graph") == "graph-tf-function-bn-folded"
-
-
-@pytest.mark.skipif(graph.tensorrt_status()[0], reason="TensorRT is available here: the GPU test runs instead")
-def test_tftrt_says_why_it_cannot_run(tmp_path):
-    ok, why = graph.tensorrt_status()
-    assert not ok and why
-    with pytest.raises(RuntimeError, match="TF-TRT cannot run"):
-        graph.tftrt_convert(tmp_path, tmp_path / "out", np.zeros((1, 28, 28, 1), np.float32))
-    with pytest.raises(ValueError, match="FP16"):
-        graph.tftrt_convert(tmp_path, tmp_path / "out", np.zeros((1, 28, 28, 1), np.float32), precision="INT4")
-
-
-@pytest.mark.skipif(not graph.tensorrt_status()[0], reason=f"TF-TRT unavailable: {graph.tensorrt_status()[1]}")
-def test_tftrt_converts_and_agrees(tiny, images, tmp_path):
-    tf.saved_model.save(tiny, str(tmp_path / "sm"))
-    out = graph.tftrt_convert(tmp_path / "sm", tmp_path / "trt", images[:4], precision="FP32")
-    runner = measure.saved_model(out, "TF-TRT")
-    np.testing.assert_allclose(runner(images[:4]), tiny(images[:4], training=False).numpy(), atol=1e-3)
-
-
-@pytest.mark.skipif(not graph.onnx_status()[0], reason="tf2onnx/onnxruntime not installed")
-def test_onnx_runner_rejects_a_bad_file(tmp_path):
-    bad = tmp_path / "bad.onnx"
-    bad.write_bytes(b"nope")
-    with pytest.raises(ValueError, match="ONNX Runtime"):
-        graph.onnx_runner(bad)
-    with pytest.raises(FileNotFoundError):
-        graph.onnx_runner(tmp_path / "missing.onnx")
-
-
-# ----------------------------------------------------------------------------- the compute floor
-
-def test_probes_count_their_macs_and_int8_is_integer(tmp_path):
-    assert measure.count_macs(graph.conv_probe(8, 8, 3)) == 8 * 8 * 8 * 8 * 3 * 3
-    probes = graph.export_probes(8, 8, 3, directory=tmp_path)
-    assert [p.precision for p in probes] == ["fp32", "int8"]
-    from ai_edge_litert.interpreter import Interpreter
-    dtypes = []
-    for probe in probes:
-        interpreter = Interpreter(model_path=str(probe.path))
-        dtypes.append(interpreter.get_input_details()[0]["dtype"])
-    assert dtypes == [np.float32, np.int8]
-    peak = graph.peak_mac_rate(probes, threads=(1,), repeats=3, warmup=1)
-    assert len(peak) == 2 and (peak["gmacs_per_s"] > 0).all()
-    with pytest.raises(ValueError):
-        graph.conv_probe(4, 8, 5)
-
-
-def test_compute_floor_arithmetic():
-    latency = measure.Latency(samples_us={"one": np.array([100.0, 100.0, 100.0]),
-                                          "two": np.array([50.0, 50.0, 50.0]),
-                                          "all": np.array([200.0, 200.0, 200.0])},
-                              timed={}, threads={"one": 1, "two": 2, "all": None}, machine={})
-    throughput = {"one": 20_000.0, "two": 40_000.0, "all": 10_000.0}
-    import pandas as pd
-    peak = pd.DataFrame({"precision": ["fp32", "fp32", "int8"], "threads": [1, 2, 1],
-                         "gmacs_per_s": [10.0, 8.0, 40.0]})
-    macs = 1_000_000
-    floor = graph.compute_floor(macs, latency, pd.Series(throughput), peak, batch_size=64)
-    # 1e6 MACs in 100 us = 10 GMAC/s = the 1-thread fp32 peak
-    assert floor.loc["one", "fraction_of_peak_batch1"] == pytest.approx(1.0)
-    assert floor.loc["one", "fraction_of_peak_b64"] == pytest.approx(20_000 * 1e6 / 1e9 / 10.0)
-    # two threads measured slower than one (a busy machine): the 1-thread rate is the floor of the peak
-    assert floor.loc["two", "peak_gmacs_per_s"] == pytest.approx(10.0)
-    assert floor.loc["all", "peak_threads"] == 2
-    assert floor.loc["one", "overhead_us"] == pytest.approx(100.0 - 50.0)
