@@ -103,15 +103,18 @@ def progress_bar(iterable=None, *, total=None, **options):
     return tqdm(iterable, total=total, **options)
 
 
-def import_tensorflow_quietly():
-    """Import TensorFlow and start its CPU device without the start-up noise."""
+def import_tensorflow_quietly(start_runtime: bool = True):
+    """Import TensorFlow without its C++ start-up noise; with start_runtime, start its CPU device too.
+
+    Modules import it with start_runtime=False: importing a labkit module never starts
+    TensorFlow's runtime (the distributed workers configure it first); setup() starts it.
+    """
     import sys
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
     with quiet_stderr():
         import tensorflow as tf
-        tf.config.list_physical_devices()
-        (tf.constant(1.0) + 1.0).numpy()
+        if start_runtime:
+            tf.config.list_physical_devices()
+            (tf.constant(1.0) + 1.0).numpy()
     return tf
 
 

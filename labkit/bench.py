@@ -1,11 +1,19 @@
 """Re-measure every artifact in the results store side by side: `python -m labkit.bench`.
 
-All artifacts are loaded in one process and timed interleaved at batch 1, so the ratios
-to the baseline's float32 .tflite are fair even on a noisy machine.
+Owns the benchmark command (README, notebooks 00 and 01 point to it). All artifacts are
+loaded in one process and timed interleaved at batch 1, so the ratios to the baseline's
+float32 .tflite are fair even on a noisy machine.
+
+Each artifact is timed once, with the runner its format calls for (`runner_for`), and its row
+says so: `variants` lists every stored variant that names the file, `runner` and `timed` say
+how it was called. A variant's own figure in the store may come from another runner (notebook
+01 records model.predict, an eager call and a tf.function for the same .keras file); bench
+times the file one way only, and the `runner` column is the way.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,50 +23,62 @@ from labkit import ROOT, measure, results
 BASELINE_VARIANT = "baseline-float32-tflite"
 
 
-def runner_for(artifact: Path, name: str, threads: int):
-    """The default runner for an artifact: LiteRT for .tflite, the signature for a SavedModel,
-    a tf.function for a .keras file."""
+def runner_for(artifact: Path, threads: int = 1) -> measure.Runner | None:
+    """How bench runs an artifact, by its format: LiteRT (XNNPACK, `threads` threads) for a .tflite
+    file, its serving signature for a SavedModel directory, a tf.function for a .keras or .h5 file
+    (the fastest way to call Keras weights, not model.predict); None for a format bench does not
+    run (e.g. .onnx). The runner keeps its descriptive name ("tf.function", "SavedModel", ...)."""
+    artifact = Path(artifact)
     if artifact.suffix == ".tflite":
-        return measure.litert(artifact, num_threads=threads, name=name)
+        return measure.litert(artifact, num_threads=threads)
     if artifact.is_dir():
-        return measure.saved_model(artifact, name=name)
+        return measure.saved_model(artifact)
     if artifact.suffix in (".keras", ".h5"):
         import tf_keras as keras
-        return measure.tf_function(keras.models.load_model(artifact), name=name)
-    return None  # a format bench does not run (e.g. .onnx): reported as skipped
+        return measure.tf_function(keras.models.load_model(artifact, compile=False))
+    return None
 
 
 def benchmark(table, *, repeats: int = 200, warmup: int = 20, threads: int = 1, x=None, y=None):
-    """One row per distinct artifact: p50, p95 and their ratio to the baseline .tflite's."""
+    """One row per distinct artifact (index: the artifact as stored), timed by `runner_for`.
+
+    Columns: variants (every variant naming the artifact, comma-separated), technique, runner,
+    timed, size_bytes, gzip_bytes, latency_p50_us, latency_p95_us, and, when the baseline's
+    float32 .tflite is among them, speedup_p50 and gzip_smaller against it; accuracy when `y` is
+    given. Returns (table, missing): missing lists the artifacts not found or of no runnable format.
+    """
     import pandas as pd
-    from labkit.data import load_mnist
     if x is None:
+        from labkit.data import load_mnist
         splits = load_mnist()
         x, y = splits.x_test, splits.y_test
-    table = table[table["artifact"].fillna("") != ""].drop_duplicates("artifact")
+    table = table[table["artifact"].fillna("") != ""]
     runners, kept, missing = [], [], []
-    for _, row in table.iterrows():
-        path = ROOT / row["artifact"]
+    for artifact, rows in table.groupby("artifact", sort=False):
+        path = ROOT / artifact
         if not path.exists():
-            missing.append(row["artifact"])
+            missing.append(artifact)
             continue
-        runner = runner_for(path, row["variant"], threads)
+        runner = runner_for(path, threads)
         if runner is None:
-            missing.append(f"{row['artifact']} (no runner for this format)")
+            missing.append(f"{artifact} (no runner for this format)")
             continue
-        runners.append(runner)
-        kept.append(row)
+        kept.append({"artifact": artifact, "variants": ", ".join(rows["variant"]),
+                     "technique": ", ".join(rows["technique"].dropna().unique()),
+                     "runner": runner.name, "timed": runner.timed,
+                     "size_bytes": rows["size_bytes"].iloc[0], "gzip_bytes": rows["gzip_bytes"].iloc[0]})
+        runners.append(dataclasses.replace(runner, name=artifact))  # unique names for the latency loop
     if not runners:
         raise SystemExit("Nothing to benchmark: run the notebooks first (they record their artifacts).")
     latency = measure.measure_latency(runners, x[:100], warmup=warmup, repeats=repeats)
     summary = latency.summary()
-    out = pd.DataFrame(kept).set_index("variant")[["technique", "size_bytes", "gzip_bytes"]]
+    out = pd.DataFrame(kept).set_index("artifact")
     out["latency_p50_us"] = summary["latency_p50_us"]
     out["latency_p95_us"] = summary["latency_p95_us"]
-    if BASELINE_VARIANT in out.index:
-        base = out.loc[BASELINE_VARIANT]
-        out["speedup_p50"] = base["latency_p50_us"] / out["latency_p50_us"]
-        out["gzip_smaller"] = base["gzip_bytes"] / out["gzip_bytes"]
+    base = [a for a, names in out["variants"].items() if BASELINE_VARIANT in names.split(", ")]
+    if base:
+        out["speedup_p50"] = out.loc[base[0], "latency_p50_us"] / out["latency_p50_us"]
+        out["gzip_smaller"] = out.loc[base[0], "gzip_bytes"] / out["gzip_bytes"]
     if y is not None:
         out["accuracy"] = [measure.accuracy(r, x, y) for r in runners]
     return out, missing
@@ -78,9 +98,14 @@ def main(argv=None) -> int:
     out, missing = benchmark(table, repeats=args.repeats, threads=args.threads, x=splits.x_test,
                              y=None if args.no_accuracy else splits.y_test)
     print(f"machine: {measure.machine_string()}")
-    print(f"batch-1 latency, {args.repeats} interleaved calls each, LiteRT threads={args.threads}")
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(out.round(2).to_string())
+    print(f"batch-1 latency, {args.repeats} interleaved calls each, LiteRT threads={args.threads}; "
+          "each artifact is timed once, by the runner named in its row")
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
+        shown = out.drop(columns=["timed", "variants"]).assign(variants=out["variants"])  # the wide one last
+        print(shown.round(2).to_string())
+    print("\nwhat one timed call includes:")
+    for runner, timed in out.groupby("runner")["timed"].first().items():
+        print(f"  {runner}: {timed}")
     for artifact in missing:
         print(f"skipped: {artifact} (a missing file means: re-run its notebook)", file=sys.stderr)
     return 0

@@ -1,5 +1,6 @@
 """Run the whole lab book headless: `python -m labkit.book`.
 
+Owns the headless book run and its report (no notebook imports it; the README points to it).
 Executes every notebook in notebooks/ in order, each in a fresh kernel, writes the executed
 copies and a report (Markdown and HTML, with the measurements table and a plot) to
 build/book/, and exits non-zero if any notebook failed.
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*", help="run only notebooks whose names contain these")
     parser.add_argument("--out", type=Path, default=BUILD_DIR, help="where executed copies and the report go")
     args = parser.parse_args(argv)
+    import labkit
+    labkit.setup(seed=0)  # the report below loads the store and plots in this process
     chosen = [p for p in notebooks() if not args.names or any(n in p.name for n in args.names)]
     if not chosen:
         print(f"No notebooks matched in {NOTEBOOKS_DIR}", file=sys.stderr)

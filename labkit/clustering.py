@@ -288,8 +288,11 @@ def cluster_model(model, k: int, init: str = "kmeans++", layers=None,
 
 
 def strip(model) -> keras.Model:
-    """The clustered model with plain layers again: the kernels hold the shared values."""
-    return tfmot.clustering.keras.strip_clustering(model)
+    """The clustered model with plain layers again: the kernels hold the shared values.
+
+    Cloned into a model of its own: tfmot's strip_clustering shares layers with the wrapped model.
+    """
+    return models.clone_with_weights(tfmot.clustering.keras.strip_clustering(model))
 
 
 def cluster(model, k: int, splits=None, plan: models.FineTune | None = None, *, layers=None,

@@ -1,5 +1,10 @@
 """Knowledge distillation: a small student learns from the baseline's softened logits (notebook 08).
 
+Owns: the student (models.build_cnn without batch norm or dropout), the distillation loss, the
+teacher's logits, training a student (cached by models.cached, keyed by the settings and the
+teacher's weights), the temperature comparison and the distillation target (`verdict`: the
+distilled student beats the same student trained from labels). notebook 08 reads it.
+
 The teacher's logits, divided by a temperature T and passed through a softmax, say not only
 which digit an image is but how much it looks like each of the others (a 7 that is a bit of a
 1). The student is trained on a mix of that soft target and the true label:
@@ -10,8 +15,8 @@ where ``x_T = softmax(logits / T)``. The T**2 keeps the soft term's gradients th
 as T changes (they shrink as 1/T**2 otherwise). alpha = 0 is plain training from labels.
 
 Read top to bottom: settings, the loss (and its check against Keras' own losses), the
-teacher's logits (computed once and cached), training a student, the temperature sweep,
-and ``benchmark()`` (``python -m labkit.distill``), which prints the issue's target.
+teacher's logits (computed once and cached), training a student, the temperature sweep, the
+target, and ``benchmark()`` (``python -m labkit.distill``).
 """
 from __future__ import annotations
 
@@ -22,16 +27,15 @@ from pathlib import Path
 import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
+import tensorflow as tf
+import tf_keras as keras
 
-labkit._import_tensorflow_quietly()   # quiet start-up for `python -m labkit.distill` too
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
-
-from labkit import ARTIFACTS_DIR, measure, models  # noqa: E402
+from labkit import ARTIFACTS_DIR, measure, models
 
 DISTILL_DIR = ARTIFACTS_DIR / "distill"
 NUM_CLASSES = 10
 MIN_MAC_RATIO = 4.0   # the student must need at least 4x fewer MACs than the teacher
+MIN_GAIN = 0.005      # the distilled student must beat the label-trained one by half a point (test)
 
 
 # ============================================================================ 1. settings
@@ -54,7 +58,7 @@ def check_alpha(alpha) -> float:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """A student and how it is trained; its hash (with the teacher's) names the cache entry."""
+    """A student and how it is trained; its hash (with the teacher's weights) names the cache entry."""
     conv_filters: tuple = (12, 24)   # the baseline's shape, thinner: 6.3x fewer MACs
     dense_units: int = 64
     temperature: float = 4.0
@@ -71,9 +75,6 @@ class StudentConfig:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
-    def key(self, teacher_key: str = models.BaselineConfig().key()) -> str:
-        return models.settings_key({**asdict(self), "teacher": teacher_key})
-
     @property
     def name(self) -> str:
         width = "-".join(map(str, self.conv_filters)) + f"-{self.dense_units}"
@@ -81,24 +82,13 @@ class StudentConfig:
 
 
 def build_student(config: StudentConfig = StudentConfig()) -> keras.Model:
-    """The baseline's shape, thinner and without batch norm (conv with bias, then ReLU).
+    """The baseline's shape (models.build_cnn), thinner, without batch norm and without dropout.
 
     Batch norm's running averages need many steps to settle (momentum 0.99); a student
     trained for a few hundred steps would be judged on half-settled statistics.
     """
-    if not config.conv_filters or any(f < 1 for f in config.conv_filters) or config.dense_units < 1:
-        raise ValueError(f"conv_filters and dense_units must be positive counts, got "
-                         f"{config.conv_filters} and {config.dense_units}")
-    keras.utils.set_random_seed(config.seed)
-    inputs = keras.Input(shape=(28, 28, 1), name="image")
-    x = inputs
-    for i, filters in enumerate(config.conv_filters, start=1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{i}")(x)
-        x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(config.dense_units, activation="relu", name="dense1")(x)
-    outputs = keras.layers.Dense(NUM_CLASSES, name="logits")(x)
-    return keras.Model(inputs, outputs, name="student_cnn")
+    return models.build_cnn(config.conv_filters, config.dense_units, batchnorm=False, dropout=0.0,
+                            seed=config.seed, name="student_cnn")
 
 
 # ============================================================================ 2. the loss
@@ -154,10 +144,10 @@ def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 # ============================================================================ 3. the teacher's logits
 
-def teacher_logits(teacher, x: np.ndarray, *, name: str = "train",
-                   teacher_key: str = models.BaselineConfig().key(), directory: Path = DISTILL_DIR) -> np.ndarray:
-    """The teacher's logits on x, computed once (inference mode: no dropout) and cached as .npy."""
-    path = Path(directory) / f"teacher-logits-{teacher_key}-{name}-{len(x)}.npy"
+def teacher_logits(teacher, x: np.ndarray, *, name: str = "train", directory: Path = DISTILL_DIR) -> np.ndarray:
+    """The teacher's logits on x, computed once (inference mode: no dropout) and cached as .npy
+    under the teacher's weights key."""
+    path = Path(directory) / f"teacher-logits-{models.weights_key(teacher)}-{name}-{len(x)}.npy"
     if path.is_file():
         return np.load(path)
     logits = teacher.predict(x, batch_size=1000, verbose=0).astype(np.float32)
@@ -184,26 +174,26 @@ def fit_student(model, x, y, logits, config: StudentConfig, progress: bool = Tru
 
 def load_or_train_student(config: StudentConfig, splits, teacher=None, *, directory: Path = DISTILL_DIR,
                           progress: bool = True):
-    """The trained student and its record, from the cache or trained now (the teacher is the baseline)."""
-    teacher_key = models.BaselineConfig().key()
-    path = Path(directory) / f"{config.name}-{config.key(teacher_key)}.keras"
-    if (cached := models.load_cached(path, compile=False)) is not None:
-        return cached
+    """The trained student and its record, from models.cached or trained now.
+
+    A distilled student's entry is keyed by its settings and the teacher's weights (None: the
+    baseline); a label-trained one (alpha=0) needs no teacher and is keyed by its settings alone.
+    """
+    if config.alpha > 0 and teacher is None:
+        teacher, _ = models.load_or_train_baseline()
     x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]   # None: all
-    if config.alpha > 0:
-        if teacher is None:
-            teacher, _ = models.load_or_train_baseline()
-        logits = teacher_logits(teacher, x, teacher_key=teacher_key, directory=directory)
-    else:
-        logits = np.zeros((len(x), NUM_CLASSES), np.float32)   # unused: alpha=0 reads only the labels
-    model = build_student(config)
-    fit = fit_student(model, x, y, logits, config, progress=progress)
-    record = {"config": asdict(config), **fit, "macs": measure.count_macs(model),
-              "params": measure.count_params(model)["params"],
-              "val_accuracy": measure.accuracy(measure.keras_call(model), splits.x_val, splits.y_val),
-              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    models.save_cached(model, record, path)
-    return model, record
+
+    def train():
+        if config.alpha > 0:
+            logits = teacher_logits(teacher, x, directory=directory)
+        else:
+            logits = np.zeros((len(x), NUM_CLASSES), np.float32)   # unused: alpha=0 reads only the labels
+        model = build_student(config)
+        fit = fit_student(model, x, y, logits, config, progress=progress)
+        return model, {**fit, "macs": measure.count_macs(model), "params": measure.count_params(model)["params"],
+                       "val_accuracy": measure.accuracy(measure.keras_call(model), splits.x_val, splits.y_val),
+                       "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return models.cached(config.name, asdict(config), [teacher] if config.alpha > 0 else [], train, directory)
 
 
 def mac_ratio(teacher, student) -> float:
@@ -250,29 +240,37 @@ def compare(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 
 
 
 def export_tflite(model, config: StudentConfig, directory: Path = DISTILL_DIR) -> Path:
-    """A float32 .tflite of a trained student, named by its settings."""
-    path = Path(directory) / f"{config.name}-{config.key()}.tflite"
-    with labkit.quiet_stderr():
-        return models.save_tflite(model, path)
+    """A float32 .tflite of a trained student (models.cached: written once per student's weights)."""
+    path, _ = models.cached(config.name, {"format": "float32"}, [model], lambda: (model, {}), directory,
+                            kind="tflite")
+    return path
+
+
+def verdict(table: pd.DataFrame, config: StudentConfig = StudentConfig()) -> pd.DataFrame:
+    """The targets, from compare()'s table: the student needs >= MIN_MAC_RATIO x fewer MACs than the
+    teacher, and distilled at config's temperature it beats the label-trained one by >= MIN_GAIN."""
+    labels, student = table.loc[replace(config, alpha=0.0).name], table.loc[config.name]
+    measured = {"teacher / student MACs": table.loc["teacher (baseline)", "macs"] / student["macs"],
+                "distilled minus labels-only test accuracy": student["test_accuracy"] - labels["test_accuracy"]}
+    return measure.verdicts(measured, dict(zip(measured, (MIN_MAC_RATIO, MIN_GAIN))))
 
 
 # ============================================================================ 6. benchmark
 
 def benchmark(config: StudentConfig = StudentConfig(), progress: bool = False) -> pd.DataFrame:
-    """Print the target: the distilled student beats the label-trained one in test accuracy."""
+    """Print the students and the targets (verdict): the distilled student beats the label-trained one."""
     from labkit.data import load_mnist
     splits = load_mnist()
-    teacher, _ = models.load_or_train_baseline()
-    table, _ = compare(splits, config, temperatures=(config.temperature,), teacher=teacher, progress=progress)
-    labels = table.loc[replace(config, alpha=0.0).name, "test_accuracy"]
-    distilled = table.loc[config.name, "test_accuracy"]
+    table, _ = compare(splits, config, temperatures=(config.temperature,), progress=progress)
     print(f"machine: {measure.machine_string()}")
-    print(table.to_string())
-    print(f"MACs: teacher / student = {mac_ratio(teacher, build_student(config)):.2f}x (target >= {MIN_MAC_RATIO:g}x)")
-    print(f"test accuracy: distilled {distilled:.4f} vs labels only {labels:.4f} "
-          f"({'met' if distilled > labels else 'MISSED'}: distilled must be higher)")
+    with pd.option_context("display.width", 200):
+        print(table.to_string())
+    for _, row in verdict(table, config).iterrows():
+        print(f"[{'met   ' if row['met'] else 'MISSED'}] {row['figure']}: {row['measured']:.4f} "
+              f"(target >= {row['target']:g})")
     return table
 
 
 if __name__ == "__main__":
+    labkit.setup()
     benchmark()

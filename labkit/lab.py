@@ -1,6 +1,12 @@
 """Open the lab book in JupyterLab: `python -m labkit.lab` (extra arguments go to JupyterLab).
 
+Owns the JupyterLab launch (README's first command; the browser test of notebook 07 starts it).
 Serves notebooks/ on localhost only, with JupyterLab's token authentication kept.
+
+This entry point does not call labkit.setup(): it replaces this process with
+JupyterLab (os.execv), so nothing setup() sets in it would survive; each notebook calls
+setup() first in its own kernel. Importing labkit here still sets the environment switches
+(legacy Keras, quiet logs) that JupyterLab and its kernels inherit.
 """
 import os
 import sys

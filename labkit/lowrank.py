@@ -1,5 +1,9 @@
 """Low-rank factorization: one layer becomes two thinner ones from a truncated SVD (notebook 08).
 
+Owns: the SVD factors, rebuilding a chain model with factored layers, the one-shot rank sweep
+and the fine-tune of the chosen ranks (models.fine_tune, cached by models.cached keyed by the
+input model's weights). notebook 08 reads it; the search (labkit/search.py) starts from its model.
+
 A Dense kernel W (n_in x n_out) of rank r is the product of an n_in x r and an r x n_out
 matrix: two Dense layers with r units between them, costing r * (n_in + n_out) weights and
 MACs instead of n_in * n_out. The singular value decomposition W = U S V^T gives the best
@@ -17,16 +21,15 @@ sweep, fine-tuning the chosen ranks, and ``benchmark()`` (``python -m labkit.low
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
+import tf_keras as keras
 
-labkit._import_tensorflow_quietly()   # quiet start-up for `python -m labkit.lowrank` too
-import tf_keras as keras  # noqa: E402
-
-from labkit import ARTIFACTS_DIR, measure, models  # noqa: E402
+from labkit import ARTIFACTS_DIR, measure, models
 
 LOWRANK_DIR = ARTIFACTS_DIR / "lowrank"
 BOOK_RANKS = {"conv2": 16, "dense1": 16}   # what notebook 08 chooses from its rank sweep
@@ -172,35 +175,29 @@ def choose_rank(sweep: pd.DataFrame, layer: str, max_drop: float) -> int:
 
 # ============================================================================ 4. fine-tuning the chosen ranks
 
-def load_or_fine_tune(model, ranks: dict, splits, *, epochs: int = 1, train_subset: int | None = None,
-                      learning_rate: float = 5e-4, batch_size: int = 128, seed: int = 0,
+def load_or_fine_tune(model, ranks: dict, splits, plan: models.FineTune = models.FineTune(), *,
                       directory: Path = LOWRANK_DIR, progress: bool = True):
-    """The factored baseline fine-tuned on labels (cached by ranks and settings); returns (model, record)."""
-    settings = {"ranks": dict(sorted(ranks.items())), "epochs": epochs, "train_subset": train_subset,
-                "learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
-                "start": "baseline-" + models.BaselineConfig().key()}
-    key = models.settings_key(settings)
+    """`model` factored at `ranks` and fine-tuned on labels by `plan`; returns (model, record).
+
+    Cached by models.cached, keyed by the ranks, the plan and the input model's weights.
+    """
     name = "lowrank-" + "-".join(f"{layer}r{rank}" for layer, rank in sorted(ranks.items()))
-    path = Path(directory) / f"{name}-{key}.keras"
-    if (cached := models.load_cached(path, compile=False)) is not None:
-        return cached
-    factored = factorize(model, ranks)
-    one_shot = measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val)
-    x, y = splits.x_train[:train_subset], splits.y_train[:train_subset]   # None: all
-    fit = models.train(factored, x, y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                       seed=seed, progress=progress)
-    record = {"name": name, "key": key, "settings": settings, "train_seconds": fit["train_seconds"],
-              "one_shot_val_accuracy": one_shot,
-              "val_accuracy": measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val),
-              **describe(factored), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    models.save_cached(factored, record, path)
-    return factored, record
+
+    def tune():
+        factored = factorize(model, ranks)
+        one_shot = measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val)
+        fit = models.fine_tune(factored, splits, plan, progress=progress, description=name)
+        return factored, {"name": name, "train_seconds": fit["train_seconds"], "one_shot_val_accuracy": one_shot,
+                          "val_accuracy": measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val),
+                          **describe(factored), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return models.cached(name, {"ranks": dict(sorted(ranks.items())), "plan": asdict(plan)}, [model], tune,
+                         directory)
 
 
 def export_tflite(model, name: str, directory: Path = LOWRANK_DIR) -> Path:
-    """Float32 .tflite of a (factored) model; `name` is the cache name (the record's path stem)."""
-    with labkit.quiet_stderr():
-        return models.save_tflite(model, Path(directory) / f"{name}.tflite")
+    """Float32 .tflite of a (factored) model, written once per model's weights (models.cached)."""
+    path, _ = models.cached(name, {"format": "float32"}, [model], lambda: (model, {}), directory, kind="tflite")
+    return path
 
 
 # ============================================================================ 5. benchmark
@@ -212,23 +209,18 @@ def benchmark(ranks: dict = BOOK_RANKS, repeats: int = 300, threads: int = 1) ->
     baseline, _ = models.load_or_train_baseline()
     tuned, record = load_or_fine_tune(baseline, ranks, splits, progress=False)
     paths = {"baseline float32": models.baseline_tflite(),
-             f"{record['name']} float32": export_tflite(tuned, f"{record['name']}-{record['key']}")}
-    runners = [measure.litert(p, num_threads=threads, name=n) for n, p in paths.items()]
-    latency = measure.measure_latency(runners, splits.x_val[:200], warmup=30, repeats=repeats)
-    rows = []
-    for runner, model in zip(runners, (baseline, tuned)):
-        rows.append({"variant": runner.name, "test_accuracy": measure.accuracy(runner, splits.x_test, splits.y_test),
-                     **describe(model), "size_bytes": measure.size_bytes(paths[runner.name]),
-                     "latency_p50_us": latency.p50(runner.name), "latency_p95_us": latency.p95(runner.name)})
-    table = pd.DataFrame(rows).set_index("variant")
+             f"{record['name']} float32": export_tflite(tuned, record["name"])}
+    table, _ = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_val[:200],
+                                    reference="baseline float32", repeats=repeats, threads=threads)
+    table = table.drop(columns=["artifact"]).join(pd.DataFrame([describe(baseline), describe(tuned)], index=table.index))
     print(f"machine: {measure.machine_string()}")
     print(table.round(4).to_string())
     base, low = table.iloc[0], table.iloc[1]
     print(f"MACs {base['macs'] / low['macs']:.2f}x fewer, params {base['params'] / low['params']:.2f}x fewer, "
-          f"LiteRT p50 {base['latency_p50_us'] / low['latency_p50_us']:.2f}x faster, "
-          f"test accuracy {low['test_accuracy']:.4f} vs {base['test_accuracy']:.4f}")
+          f"LiteRT p50 {low['speedup_p50']:.2f}x faster, test accuracy {low['accuracy']:.4f} vs {base['accuracy']:.4f}")
     return table
 
 
 if __name__ == "__main__":
+    labkit.setup()
     benchmark()

@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
-import tensorflow as tf
-import tf_keras as keras
+
+tf = labkit.import_tensorflow_quietly(start_runtime=False)
+import tf_keras as keras  # noqa: E402
 
 from labkit import ARTIFACTS_DIR
 
@@ -364,6 +366,28 @@ def cached(name: str, settings: dict, inputs, build, directory: Path, *, kind: s
     return artifact, {**record, "cached": False}
 
 
+@contextmanager
+def converter_messages(what: str):
+    """Keep the TFLite converter's C++ log lines out of sight, unless the block fails.
+
+    On failure the last lines it printed (usually naming the op or setting it could not handle)
+    are attached to a RuntimeError that says `what` failed.
+    """
+    import tempfile
+    import warnings
+    with tempfile.TemporaryFile() as log, warnings.catch_warnings():
+        # int8 input without "quantized input stats" is expected: the ranges come from
+        # calibration or from quantization-aware training
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        try:
+            with labkit.redirect_stderr(log):
+                yield
+        except Exception as error:
+            log.seek(0)
+            lines = log.read().decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"{what} failed: {error}\nThe converter said:\n" + "\n".join(lines[-40:])) from error
+
+
 def save_tflite(source, path: Path) -> Path:
     """The one .tflite writer: a Keras model (plain float32), a ready TFLiteConverter, or bytes.
 
@@ -371,26 +395,13 @@ def save_tflite(source, path: Path) -> Path:
     converter's C++ log lines are kept out of the notebook, but when a conversion fails they are
     attached to the error, since they usually say which op or setting it could not handle.
     """
-    import tempfile
-    import warnings
     if isinstance(source, keras.Model):
         source = tf.lite.TFLiteConverter.from_keras_model(source)
     if isinstance(source, (bytes, bytearray)):
         content = bytes(source)
     elif hasattr(source, "convert"):
-        with tempfile.TemporaryFile() as log, warnings.catch_warnings():
-            # int8 input without "quantized input stats" is expected: the ranges come from
-            # calibration or from quantization-aware training
-            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-            try:
-                with labkit.redirect_stderr(log):
-                    content = source.convert()
-            except Exception as error:
-                log.seek(0)
-                lines = log.read().decode(errors="replace").strip().splitlines()
-                detail = "\n".join(lines[-40:])
-                raise RuntimeError(f"the TFLite conversion for {path} failed: {error}\n"
-                                   f"The converter said:\n{detail}") from error
+        with converter_messages(f"the TFLite conversion for {path}"):
+            content = source.convert()
     else:
         raise TypeError(f"save_tflite takes a Keras model, a TFLiteConverter or bytes, "
                         f"got {type(source).__name__}")

@@ -178,8 +178,12 @@ def wrap(model, schedules, layers=None, m_by_n=None):
 
 
 def strip(model):
-    """The plain Keras model inside the wrappers: same layers, masked weights, no mask variables."""
-    return sparsity_api.strip_pruning(model)
+    """The plain Keras model inside the wrappers: masked weights, no mask variables.
+
+    tfmot's strip_pruning hands back layers still shared with the wrapped model (a layer in two
+    graphs breaks whatever reads its output later), so the result is cloned into a model of its own.
+    """
+    return models.clone_with_weights(sparsity_api.strip_pruning(model))
 
 
 def sparsity_trace(wrapped, rows: list, every: int = 5):

@@ -239,6 +239,32 @@ def io_conversion_runner(path, name: str = "int8 I/O conversion only") -> measur
 
 # ============================================================================ 3. quantization-aware training
 
+def _cluster_preserving_scheme(preserve_sparsity: bool):
+    """tfmot's cluster-preserving QAT scheme, with one weight quantizer per layer.
+
+    tfmot's registry hands one weight quantizer to every layer of a kind, and a layer without
+    zeros (an unpruned conv1) switches sparsity preservation off on it, for every later conv too:
+    conv2 then loses its zeros in training. Each layer gets its own copy here.
+    """
+    import copy
+    from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (
+        cluster_preserve_quantize_registry as registry,
+        default_8bit_cluster_preserve_quantize_scheme as cluster_preserve)
+
+    class PerLayerRegistry(registry.Default8bitClusterPreserveQuantizeRegistry):
+        def get_quantize_config(self, layer):
+            config = super().get_quantize_config(layer)
+            if hasattr(config, "weight_quantizer"):
+                config.weight_quantizer = copy.copy(config.weight_quantizer)
+            return config
+
+    class Scheme(cluster_preserve.Default8BitClusterPreserveQuantizeScheme):
+        def get_quantize_registry(self):
+            return PerLayerRegistry(self.preserve_sparsity)
+
+    return Scheme(preserve_sparsity=preserve_sparsity)
+
+
 def quantize_aware(model, scheme: str = "qat"):
     """tfmot's QAT model of a *copy* of `model` (the wrappers reuse layers, so never hand over the original).
 
@@ -246,15 +272,13 @@ def quantize_aware(model, scheme: str = "qat"):
     values), pqat keeps the zeros (a pruned model's), pcqat keeps both.
     """
     import tensorflow_model_optimization as tfmot
-    from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (
-        default_8bit_cluster_preserve_quantize_scheme as cluster_preserve)
     from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (
         default_8bit_prune_preserve_quantize_scheme as prune_preserve)
     if scheme not in QAT_SCHEMES:
         raise ValueError(f"scheme must be one of {QAT_SCHEMES}, got {scheme!r}")
     schemes = {"qat": None,
-               "pcqat": lambda: cluster_preserve.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=True),
-               "cqat": lambda: cluster_preserve.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=False),
+               "pcqat": lambda: _cluster_preserving_scheme(preserve_sparsity=True),
+               "cqat": lambda: _cluster_preserving_scheme(preserve_sparsity=False),
                "pqat": lambda: prune_preserve.Default8BitPrunePreserveQuantizeScheme()}
     annotated = tfmot.quantization.keras.quantize_annotate_model(models.clone_with_weights(model))
     with labkit.quiet_stderr():
@@ -321,7 +345,7 @@ def qat(model, splits, plan: models.FineTune = QAT_PLAN, *, scheme: str = "qat",
     if scheme not in QAT_SCHEMES:
         raise ValueError(f"scheme must be one of {QAT_SCHEMES}, got {scheme!r}")
     settings = {"plan": asdict(plan), "scheme": scheme, "seed_ranges": seed_ranges,
-                "calibration_size": calibration_size}
+                "calibration_size": calibration_size, "weight_quantizers": "per layer"}
     inputs = [models.weights_key(model)]
     key = models.settings_key({"settings": settings, "inputs": inputs})
     stem = Path(directory) / f"{name or scheme}-{key}"

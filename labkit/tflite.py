@@ -55,19 +55,22 @@ def layer_of(tensor_name: str, layers) -> str | None:
     """The layer a tensor belongs to: the first part of its name (split at '/' and ';') in `layers`.
 
     Converters name tensors after the Keras layers they come from, e.g.
-    "baseline_cnn/conv2/Conv2D;baseline_cnn/bn2/FusedBatchNormV3": that tensor is conv2's.
+    "baseline_cnn/conv2/Conv2D;baseline_cnn/bn2/FusedBatchNormV3": that tensor is conv2's. A
+    quantization-aware model wraps each layer as quant_<layer>: "quant_conv2/..." is conv2's too.
     """
     layers = set(layers)
     for part in re.split(r"[/;]", tensor_name):
-        if part in layers:
-            return part
+        name = part[len("quant_"):] if part.startswith("quant_") else part
+        if name in layers:
+            return name
     return None
 
 
 def _layer_like(tensor_name: str) -> str | None:
     for part in re.split(r"[/;]", tensor_name):
-        if _LAYER_LIKE.match(part):
-            return part
+        name = part[len("quant_"):] if part.startswith("quant_") else part
+        if _LAYER_LIKE.match(name):
+            return name
     return None
 
 

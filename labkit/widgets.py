@@ -1,9 +1,12 @@
 """The trade-off explorer and the build-your-own panel (notebook 07), in ipywidgets 8.
 
-`Explorer` plots the results store with its Pareto frontier: choose the axes, filter by
-technique, pick a variant to read its row. `BuildPanel` builds a pipeline variant from three
-settings, shows a progress bar, measures it, stores it and adds it to the explorer's plot. A
-setting it has built before is never built again.
+Owns the widgets only: the frontier is `results.pareto_front`, the plot `plots.pareto_plot`, a
+build `pipeline.build_and_measure`; stage names and quantization modes are the pipeline's
+(`pipeline.STAGES`, `pipeline.QUANTIZATION`). `Explorer` plots the results store with its Pareto
+frontier: choose the axes, filter by technique, pick a variant to read its row. `BuildPanel`
+builds a pipeline variant from three settings, shows a progress bar (one step per pipeline
+stage), measures it, stores it and adds it to the explorer's plot. A setting it has built before
+is never built again.
 
 Both keep their state in plain attributes (`figure`, `visible()`, `cache`, `builds`), so tests
 drive them by setting widget values and clicking, without a browser.
@@ -19,12 +22,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from labkit import results
-from labkit.pipeline import OBJECTIVES, QUANTIZATION_MODES, pareto_front, pareto_plot
+from labkit.pipeline import QUANTIZATION, STAGES
+from labkit.plots import pareto_plot
+from labkit.results import OBJECTIVES, pareto_front
 
 AXES = ("accuracy", "latency_p50_us", "latency_p95_us", "throughput_ips", "size_bytes", "gzip_bytes")
 SIZES = ("gzip_bytes", "size_bytes")
 CLUSTER_CHOICES = (("no clustering", 0), ("4", 4), ("8", 8), ("16", 16), ("32", 32))
-STAGES = ("thin", "prune", "cluster", "quantize")  # the order in which a build reports progress
 
 
 def _figure_in(output: w.Output, figure) -> None:
@@ -39,8 +43,8 @@ def _figure_in(output: w.Output, figure) -> None:
 class Explorer:
     """Pick axes and techniques, see every variant and the Pareto frontier, read one variant's row."""
 
-    def __init__(self, table: pd.DataFrame | None = None, path: Path = results.RESULTS_PATH):
-        self.path = Path(path)
+    def __init__(self, table: pd.DataFrame | None = None, path: Path | None = None):
+        self.path = results.store_path(path)
         self.table = results.load(self.path) if table is None else table.copy()
         self.figure = None
         self.x = w.Dropdown(options=AXES, value="latency_p50_us", description="x axis")
@@ -152,14 +156,14 @@ class BuildPanel:
     """Three settings, one button: build the variant (progress bar), measure it, add it to the plot."""
 
     def __init__(self, explorer: Explorer | None = None, builder: Builder = pipeline_builder,
-                 path: Path = results.RESULTS_PATH):
-        self.explorer, self.builder, self.path = explorer, builder, Path(path)
+                 path: Path | None = None):
+        self.explorer, self.builder, self.path = explorer, builder, results.store_path(path)
         self.cache: dict = {}     # settings -> results row
         self.builds: list = []    # settings actually built, in order
         self.sparsity = w.FloatSlider(value=0.8, min=0.0, max=0.95, step=0.05, description="sparsity",
                                       readout_format=".2f")
         self.clusters = w.Dropdown(options=CLUSTER_CHOICES, value=16, description="clusters")
-        self.quantization = w.Dropdown(options=QUANTIZATION_MODES, value="pcqat-int8", description="quantization")
+        self.quantization = w.Dropdown(options=QUANTIZATION, value="pcqat-int8", description="quantization")
         self.button = w.Button(description="Build and measure", button_style="primary", icon="cogs")
         self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="idle")
         self.status = w.HTML("<i>choose settings, then build</i>")
@@ -216,7 +220,7 @@ class BuildPanel:
         display(self.widget)
 
 
-def explorer_app(path: Path = results.RESULTS_PATH, builder: Builder = pipeline_builder):
+def explorer_app(path: Path | None = None, builder: Builder = pipeline_builder):
     """The explorer above the build panel, wired together: returns (explorer, panel, box)."""
     explorer = Explorer(path=path)
     panel = BuildPanel(explorer, builder=builder, path=path)

@@ -1,10 +1,17 @@
 """The book as a whole: clean notebooks, the headless runner and the benchmark command."""
+import ast
 import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
+import labkit
 from labkit import NOTEBOOKS_DIR, ROOT, bench, book, models, results
 
 
@@ -26,34 +33,66 @@ def test_every_notebook_starts_with_setup():
         assert "labkit.setup(seed=0)" in first_code.source, f"{path.name} must call labkit.setup first"
 
 
-def test_book_runs_notebooks_in_order_and_reports_failures(tmp_path, monkeypatch):
+def test_book_runs_notebooks_in_order_and_reports_failures(tmp_path, monkeypatch, results_path):
     for name, source in (("00_ok.ipynb", "x = 1 + 1\nassert x == 2"), ("01_bad.ipynb", "assert False, 'boom'")):
         nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), tmp_path / name)
     monkeypatch.setattr(book, "NOTEBOOKS_DIR", tmp_path)
     monkeypatch.setattr(book, "notebooks", lambda directory=tmp_path: sorted(tmp_path.glob("[0-9][0-9]_*.ipynb")))
-    monkeypatch.setattr(results, "RESULTS_PATH", tmp_path / "none.csv")
+    results.upsert([results.make_row("only-in-the-temp-store", "baseline", "test", accuracy=0.5)])
     out = tmp_path / "out"
     assert book.main(["--out", str(out)]) == 1
     assert (out / "00_ok.ipynb").is_file() and (out / "01_bad.ipynb").is_file()
     report = (out / "report.md").read_text()
     assert "00_ok.ipynb | True" in report and "01_bad.ipynb | False" in report
+    assert "only-in-the-temp-store" in report  # the report read the throw-away store, not the real one
     assert book.main(["--out", str(out), "00_ok"]) == 0
 
 
-def test_bench_compares_every_artifact_with_the_baseline(tmp_path, tiny_model, splits, monkeypatch):
-    base = models.save_tflite(tiny_model, tmp_path / "base.tflite")
-    monkeypatch.setattr(bench, "ROOT", tmp_path)
-    table = pd.DataFrame([
-        {"variant": bench.BASELINE_VARIANT, "technique": "baseline", "artifact": "base.tflite",
-         "size_bytes": 100, "gzip_bytes": 80},
-        {"variant": "same-again", "technique": "runtime", "artifact": "base.tflite", "size_bytes": 100, "gzip_bytes": 80},
-        {"variant": "gone", "technique": "pruning", "artifact": "missing.tflite", "size_bytes": 1, "gzip_bytes": 1},
-    ])
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model):
+    """The tiny model as the four formats bench meets: .tflite, .keras, a SavedModel and an .onnx name."""
+    import tensorflow as tf
+    directory = tmp_path_factory.mktemp("bench")
+    models.save_tflite(tiny_model, directory / "tiny.tflite")
+    tiny_model.save(directory / "tiny.keras")
+    tf.saved_model.save(tiny_model, str(directory / "tiny_savedmodel"))
+    (directory / "tiny.onnx").write_bytes(b"not run by bench")
+    return directory
+
+
+def test_runner_for_picks_the_runner_by_format_and_each_computes_the_model(exported, tiny_model, images):
+    reference = tiny_model(images, training=False).numpy()
+    expected = {"tiny.tflite": "LiteRT XNNPACK 2 thread(s)", "tiny.keras": "tf.function",
+                "tiny_savedmodel": "SavedModel"}
+    for name, runner_name in expected.items():
+        runner = bench.runner_for(exported / name, threads=2)
+        assert runner.name == runner_name and runner.timed, name
+        np.testing.assert_allclose(runner(images), reference, atol=1e-4, err_msg=name)
+    assert bench.runner_for(exported / "tiny.onnx") is None
+
+
+def test_bench_times_each_artifact_once_and_says_how(exported, splits, monkeypatch):
+    """Rows sharing an artifact become one row that lists them all and names the runner it timed:
+    a .keras file recorded as "keras predict" is timed as a tf.function, and its row says so."""
+    monkeypatch.setattr(bench, "ROOT", exported)
+    rows = [(bench.BASELINE_VARIANT, "baseline", "tiny.tflite"), ("baseline-keras-predict", "baseline", "tiny.keras"),
+            ("runtime-litert-again", "runtime", "tiny.tflite"), ("baseline-tf-function", "baseline", "tiny.keras"),
+            ("gone", "pruning", "missing.tflite"), ("runtime-onnx", "runtime", "tiny.onnx"),
+            ("no-file", "distributed", "")]
+    table = pd.DataFrame([{"variant": v, "technique": t, "artifact": a, "size_bytes": 100, "gzip_bytes": 80}
+                          for v, t, a in rows])
     out, missing = bench.benchmark(table, repeats=5, warmup=1, x=splits.x_test[:64], y=splits.y_test[:64])
-    assert list(out.index) == [bench.BASELINE_VARIANT]  # duplicates of one artifact are timed once
-    assert missing == ["missing.tflite"]
-    assert out.loc[bench.BASELINE_VARIANT, "speedup_p50"] == pytest.approx(1.0)
-    assert 0 <= out.loc[bench.BASELINE_VARIANT, "accuracy"] <= 1
+    assert list(out.index) == ["tiny.tflite", "tiny.keras"]
+    assert out.loc["tiny.tflite", "variants"] == f"{bench.BASELINE_VARIANT}, runtime-litert-again"
+    assert out.loc["tiny.tflite", "technique"] == "baseline, runtime"
+    assert out.loc["tiny.tflite", "runner"] == "LiteRT XNNPACK 1 thread(s)"
+    assert out.loc["tiny.keras", "variants"] == "baseline-keras-predict, baseline-tf-function"
+    assert out.loc["tiny.keras", "runner"] == "tf.function" and "graph" in out.loc["tiny.keras", "timed"]
+    assert missing == ["missing.tflite", "tiny.onnx (no runner for this format)"]
+    assert out.loc["tiny.tflite", "speedup_p50"] == pytest.approx(1.0)
+    assert (out["latency_p50_us"] > 0).all()
+    # the same weights behind both runners: the same accuracy
+    assert out.loc["tiny.keras", "accuracy"] == pytest.approx(out.loc["tiny.tflite", "accuracy"], abs=1 / 64)
 
 
 def test_lab_command_serves_notebooks_on_localhost():
@@ -94,3 +133,110 @@ def test_a_long_training_bar_sends_few_kernel_messages():
     finally:
         manager.shutdown_kernel(now=True)
     assert messages < 500, f"{messages} kernel messages for one training bar"
+
+
+# ----------------------------------------------------------------------------- the package's promises
+
+def labkit_modules() -> list[str]:
+    names = ["labkit"] + [m.name for m in pkgutil.walk_packages(labkit.__path__, "labkit.")]
+    return [n for n in names if not n.endswith(".__main__")]
+
+
+# Modules that must not import TensorFlow at all: the distributed launcher, its workers before they
+# configure the runtime, the Ray driver and its actors (LiteRT only: measure.LiteRTModel, tflite.check),
+# and the command-line tools.
+WITHOUT_TENSORFLOW = ("labkit", "labkit.data", "labkit.results", "labkit.tflite", "labkit.measure", "labkit.book",
+                      "labkit.lab", "labkit.distributed", "labkit.distributed.cluster", "labkit.distributed.worker",
+                      "labkit.distributed.dtensor", "labkit.distributed.ray_serving")
+
+_IMPORT_PROBE = r"""
+import importlib, json, sys
+
+def runtime_started():  # TensorFlow's eager context exists and has been initialized
+    context = sys.modules.get("tensorflow.python.eager.context")
+    found = context.context_safe() if context else None
+    return bool(found is not None and found._initialized)
+
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    print(json.dumps({"module": name, "tensorflow": "tensorflow" in sys.modules, "started": runtime_started()}),
+          flush=True)
+    if runtime_started():
+        sys.exit(0)
+if "tensorflow" in sys.modules:  # the public check the workers rely on: the runtime can still be configured
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    print(json.dumps({"configurable": True}), flush=True)
+"""
+
+
+def test_no_labkit_import_starts_tensorflows_runtime():
+    """Workers set threads, collectives and logical devices before TensorFlow's runtime starts, so
+    importing any labkit module must leave it unstarted (and the light modules must not load TF at all).
+    One fresh process imports the modules in turn; after a module that starts the runtime, the rest
+    are checked in another fresh process, so every offender is named."""
+    order = list(WITHOUT_TENSORFLOW) + [m for m in labkit_modules() if m not in WITHOUT_TENSORFLOW]
+    seen, started, configurable = {}, [], False
+    remaining = order
+    while remaining:
+        done = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, *remaining], capture_output=True, text=True,
+                              timeout=300, cwd=str(ROOT))
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        configurable = configurable or any(line.get("configurable") for line in lines)
+        for line in lines:
+            if "module" in line:
+                seen[line["module"]] = line
+        last = lines[-1] if lines else {}
+        if not last.get("started"):
+            break
+        started.append(last["module"])
+        remaining = remaining[remaining.index(last["module"]) + 1:]
+    assert set(seen) == set(order)
+    assert not started, f"importing these labkit modules starts TensorFlow's runtime: {started}"
+    loads_tf = [m for m in WITHOUT_TENSORFLOW if seen[m]["tensorflow"]]
+    assert not loads_tf, f"these modules should not import TensorFlow at all: {loads_tf}"
+    assert configurable, "TensorFlow's runtime could not be configured after importing every labkit module"
+
+
+# Entry points that may skip labkit.setup(), and why.
+SETUP_EXEMPT = {
+    "labkit.lab": "replaces its process with JupyterLab (os.execv): nothing setup() sets would survive",
+    "labkit.distributed.ray_serving": "the Ray driver runs LiteRT, never TensorFlow, and draws no random numbers",
+}
+
+
+def _calls_setup(tree: ast.Module, start: list) -> bool:
+    """Does code reachable from `start` (through this module's own functions) call labkit.setup()?"""
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    todo, visited = list(start), set()
+    while todo:
+        for node in ast.walk(todo.pop()):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr == "setup" and getattr(func.value, "id", "") == "labkit":
+                return True
+            if isinstance(func, ast.Name) and func.id in functions and func.id not in visited:
+                visited.add(func.id)
+                todo.append(functions[func.id])
+    return False
+
+
+def test_every_entry_point_calls_setup():
+    package = Path(labkit.__file__).parent
+    missing, entry_points = [], []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        blocks = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+        if not blocks:
+            continue
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__main__")
+        entry_points.append(module)
+        if module not in SETUP_EXEMPT and not _calls_setup(tree, blocks):
+            missing.append(module)
+    assert {"labkit.bench", "labkit.book", "labkit.distributed", "labkit.distributed.worker"} <= set(entry_points)
+    assert set(SETUP_EXEMPT) <= set(entry_points), "an exemption names a module that is no entry point"
+    assert not missing, f"`python -m` entry points that never call labkit.setup(): {missing}"

@@ -1,13 +1,15 @@
 """labkit.distill: the loss against Keras' own losses and its gradient against the formula,
-soft targets, a tiny student trained and cached, and bad settings (tiny models, seconds)."""
+soft targets, the student's layout, a tiny student trained and cached (a different teacher, a
+different entry), the targets, and bad settings (tiny models, seconds)."""
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from labkit import distill, measure
+from labkit import distill, measure, models
 
 
 def batch(seed=0, n=64):
@@ -102,6 +104,28 @@ def test_bad_student_shapes():
         distill.StudentConfig(epochs=0)
 
 
+def test_student_is_the_plain_cnn():
+    config = distill.StudentConfig(conv_filters=(2, 4), dense_units=8, seed=3)
+    student = distill.build_student(config)
+    assert [layer.name for layer in student.layers] == ["image", "conv1", "pool1", "conv2", "pool2", "flatten",
+                                                        "dense1", "logits"]   # no batch norm, no dropout
+    assert student.get_layer("conv1").use_bias and student.get_layer("conv1").get_config()["activation"] == "relu"
+    same = models.build_cnn((2, 4), 8, batchnorm=False, dropout=0.0, seed=3)
+    for a, b in zip(student.get_weights(), same.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_verdict():
+    config = distill.StudentConfig(conv_filters=(2, 4), dense_units=8)
+    table = pd.DataFrame({"test_accuracy": [0.90, 0.92, 0.99], "macs": [100, 100, 1000]},
+                         index=[replace(config, alpha=0.0).name, config.name, "teacher (baseline)"])
+    checks = distill.verdict(table, config).set_index("figure")
+    assert checks["measured"].tolist() == pytest.approx([10.0, 0.02])
+    assert checks["met"].all()
+    short = table.assign(test_accuracy=[0.90, 0.903, 0.99], macs=[300, 300, 1000])
+    assert not distill.verdict(short, config)["met"].any()   # 3.3x fewer MACs, +0.3 points
+
+
 def test_student_size_check(tiny_model):
     small = distill.build_student(distill.StudentConfig(conv_filters=(2, 2), dense_units=8))
     assert distill.check_student_size(tiny_model, small) >= distill.MIN_MAC_RATIO
@@ -110,22 +134,28 @@ def test_student_size_check(tiny_model):
         distill.check_student_size(tiny_model, big)
 
 
-def test_tiny_student_trains_and_caches(tiny_model, splits, tmp_path):
-    config = distill.StudentConfig(conv_filters=(2, 4), dense_units=8, epochs=2, train_subset=512,
+def test_tiny_student_trains_and_caches(tiny_model, tiny_plain_model, splits, tmp_path):
+    config = distill.StudentConfig(conv_filters=(2, 4), dense_units=8, epochs=2, train_subset=256,
                                    temperature=4.0, alpha=0.5)
     model, record = distill.load_or_train_student(config, splits, tiny_model, directory=tmp_path, progress=False)
     losses = record["history"]["loss"]
     assert losses[-1] < losses[0], f"the distillation loss did not fall: {losses}"
-    assert record["macs"] == measure.count_macs(model)
-    # the teacher's logits were cached for exactly the images used
-    cached = list(tmp_path.glob("teacher-logits-*-512.npy"))
-    assert len(cached) == 1
-    np.testing.assert_allclose(np.load(cached[0]), tiny_model.predict(splits.x_train[:512], verbose=0), atol=1e-5)
+    assert record["macs"] == measure.count_macs(model) and not record["cached"]
+    # the teacher's logits were cached for exactly the images used, under the teacher's weights
+    cached = list(tmp_path.glob("teacher-logits-*-256.npy"))
+    assert [p.name for p in cached] == [f"teacher-logits-{models.weights_key(tiny_model)}-train-256.npy"]
+    np.testing.assert_allclose(np.load(cached[0]), tiny_model.predict(splits.x_train[:256], verbose=0), atol=1e-5)
     again, record2 = distill.load_or_train_student(config, splits, tiny_model, directory=tmp_path, progress=False)
     x = splits.x_val[:32]
     np.testing.assert_array_equal(model(x).numpy(), again(x).numpy())
-    assert record2["trained_at"] == record["trained_at"], "the cached student was trained again"
-    # labels only: a different cache entry, and no teacher needed
-    labels_only, _ = distill.load_or_train_student(replace(config, alpha=0.0), splits, None, directory=tmp_path,
+    assert record2["cached"] and record2["trained_at"] == record["trained_at"], "the cached student was trained again"
+    # another teacher, same settings: a new entry, not the first teacher's student
+    other, record3 = distill.load_or_train_student(config, splits, tiny_plain_model, directory=tmp_path,
                                                    progress=False)
-    assert not np.array_equal(labels_only(x).numpy(), model(x).numpy())
+    assert not record3["cached"] and record3["inputs"] != record["inputs"]
+    assert not np.array_equal(other(x).numpy(), model(x).numpy())
+    assert len(list(tmp_path.glob(f"{config.name}-*.keras"))) == 2
+    # labels only: a different cache entry, and no teacher needed
+    labels_only, record4 = distill.load_or_train_student(replace(config, alpha=0.0), splits, None,
+                                                         directory=tmp_path, progress=False)
+    assert record4["inputs"] == [] and not np.array_equal(labels_only(x).numpy(), model(x).numpy())

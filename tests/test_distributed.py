@@ -14,15 +14,13 @@ import numpy as np
 import psutil
 import pytest
 
-import labkit
+import labkit  # noqa: F401  (legacy Keras before TensorFlow loads; conftest calls labkit.setup)
+import tensorflow as tf
+import tf_keras as keras
+
+from labkit import measure, models, tflite
+from labkit.data import load_mnist
 from labkit.distributed import cluster, worker
-
-labkit.setup(seed=0)
-import tensorflow as tf  # noqa: E402  (after labkit.setup: legacy Keras)
-import tf_keras as keras  # noqa: E402
-
-from labkit import models  # noqa: E402
-from labkit.data import load_mnist  # noqa: E402
 
 TINY = models.BaselineConfig(conv_filters=(4, 8), dense_units=16)
 
@@ -92,6 +90,12 @@ def test_shard_rule_matches_tf_data_and_check_each_once_catches_gaps_and_repeats
             cluster.check_each_once(np.array(broken), 4)
 
 
+def test_each_cluster_error_has_its_own_pids():
+    first, second = cluster.ClusterError("first"), cluster.ClusterError("second", pids=(11, 12))
+    first.pids.append(99)
+    assert second.pids == [11, 12] and cluster.ClusterError("third").pids == [] and str(second) == "second"
+
+
 def test_scaling_keeps_each_configurations_best_round_and_alternates_the_order(monkeypatch):
     seconds = {(1, 0): 8.0, (2, 0): 9.0, (2, 1): 4.0, (1, 1): 10.0}  # round 0 disturbed the 2-worker run
     calls = []
@@ -147,10 +151,10 @@ def test_a_worker_that_exits_early_stops_the_job_quickly_and_cleanly(tiny_model_
 
 def test_a_worker_that_never_connects_gives_a_clear_error_in_bounded_time(tiny_model_path, tmp_path):
     start = time.monotonic()
-    with pytest.raises(cluster.ClusterError, match="did not form within 8 s: 0 of 2 workers joined") as info:
+    with pytest.raises(cluster.ClusterError, match="did not form within 3 s: 0 of 2 workers joined") as info:
         cluster.run_local(2, tiny_model_path, out=tmp_path, limit=64, faults={1: "never-connect"},
-                          connect_timeout_s=8, run_timeout_s=60)
-    assert time.monotonic() - start < 8 + 6  # the deadline, the poll and the SIGKILL grace
+                          connect_timeout_s=3, run_timeout_s=60)
+    assert time.monotonic() - start < 3 + 6  # the deadline, the poll and the SIGKILL grace
     assert gone(info.value.pids)
 
 
@@ -195,20 +199,33 @@ def test_logical_devices_cannot_be_added_once_tensorflow_runs():
 def tiny_int8(tiny_model_path, tmp_path_factory):
     from labkit.distributed import ray_serving
     model = keras.models.load_model(tiny_model_path, compile=False)
-    return ray_serving.int8_tflite(tmp_path_factory.mktemp("int8") / "tiny_int8.tflite", model=model)
+    return ray_serving.int8_tflite(model, directory=tmp_path_factory.mktemp("int8"))
 
 
-def test_int8_model_is_integer_and_the_actor_matches_one_process(tiny_int8):
-    from ai_edge_litert.interpreter import Interpreter
+def test_int8_model_is_cached_by_its_weights(tiny_model_path, tiny_int8):
     from labkit.distributed import ray_serving
-    interpreter = Interpreter(model_path=str(tiny_int8))
-    assert interpreter.get_input_details()[0]["dtype"] == np.int8
-    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    model = keras.models.load_model(tiny_model_path, compile=False)
+    written = tiny_int8.stat().st_mtime_ns
+    assert ray_serving.int8_tflite(model, directory=tiny_int8.parent) == tiny_int8   # the same weights: reused
+    assert tiny_int8.stat().st_mtime_ns == written
+    logits = model.get_layer("logits")
+    logits.set_weights([w * 1.5 for w in logits.get_weights()])
+    other = ray_serving.int8_tflite(model, directory=tiny_int8.parent)
+    assert other != tiny_int8 and other.is_file()   # other weights: another entry, never the stale file
+
+
+def test_int8_model_is_integer_and_the_actor_matches_litert(tiny_int8, splits):
+    from labkit.distributed import ray_serving
+    assert tflite.io_dtypes(tiny_int8) == (np.int8, np.int8)
+    # The reference takes data.load_mnist's float images, not ray_serving's uint8 pixel conversion.
+    reference = measure.litert(tiny_int8)(np.asarray(splits.x_test[:100]))
     pixels = ray_serving.job_pixels(limit=100)
-    reference, _ = ray_serving.single_process(tiny_int8, pixels, batch_size=32)
     actor = ray_serving.LiteRTPredictor(str(tiny_int8))
     out = actor({"index": np.arange(100), "pixels": pixels})
-    assert np.array_equal(out["logits"], reference) and np.array_equal(out["index"], np.arange(100))
+    np.testing.assert_array_equal(out["logits"], reference)
+    assert np.array_equal(out["index"], np.arange(100)) and set(out["actor_pid"]) == {os.getpid()}
+    one_process, _ = ray_serving.single_process(tiny_int8, pixels, batch_size=32)
+    np.testing.assert_array_equal(one_process, reference)
 
 
 def test_ray_data_actor_pool_matches_one_process(tiny_int8, tmp_path):

@@ -7,13 +7,14 @@ waits for the widgets and the plot to render, picks a variant in the browser, an
 screenshot is not blank. The server and its kernels are stopped whatever happens.
 
 Needs `pip install playwright` and Debian's `apt-get install chromium` (/usr/bin/chromium);
-skipped with the reason otherwise. The screenshot is kept at artifacts/pipeline/jupyterlab_ui.png.
+skipped with the reason otherwise. Nothing is written outside pytest's temporary directory: the
+screenshot is kept there, under book/artifacts/pipeline/jupyterlab_ui.png (pytest keeps the last
+three runs' directories; `--basetemp DIR` chooses where).
 """
 from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +30,6 @@ import labkit
 
 CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = labkit.NOTEBOOKS_DIR / "07_pipeline.ipynb"
-SCREENSHOT = labkit.ARTIFACTS_DIR / "pipeline" / "jupyterlab_ui.png"
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
                                      "(pip install playwright); the JupyterLab UI test needs it")
@@ -108,6 +108,7 @@ def test_widgets_render_in_jupyterlab(tmp_path):
     port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, "LABKIT_ROOT": str(root), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+           "IPYTHONDIR": str(tmp_path / "ipython"),
            "JUPYTER_PATH": os.pathsep.join(p for p in [os.environ.get("JUPYTER_PATH", ""),
                                                         str(Path(sys.prefix) / "share" / "jupyter")] if p)}
     log = open(tmp_path / "jupyterlab.log", "w")
@@ -148,10 +149,9 @@ def test_widgets_render_in_jupyterlab(tmp_path):
                 if news.count():  # JupyterLab's "official Jupyter news?" toast would hide the legend
                     news.first.click()
                 explorer.scroll_into_view_if_needed()
-                shot = tmp_path / "jupyterlab_ui.png"
+                shot = root / "artifacts" / "pipeline" / "jupyterlab_ui.png"  # the throw-away root's
+                shot.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(shot), full_page=True)
-                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(shot, SCREENSHOT)
             finally:
                 browser.close()
         import matplotlib.image

@@ -1,12 +1,13 @@
 """labkit.lowrank: SVD factors against NumPy's norms, exact reproduction at full rank for dense
-and convolution layers, MACs of the factored model, the sweep and bad ranks (tiny models, seconds)."""
+and convolution layers, MACs of the factored model, the sweep, the cached fine-tune (a different
+input model, a different entry) and bad ranks (tiny models, seconds)."""
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from labkit import lowrank, measure
+from labkit import lowrank, measure, models
 
 
 def test_svd_full_rank_is_exact_and_truncation_is_eckart_young():
@@ -112,3 +113,25 @@ def test_sweep_and_choice(tiny_model, splits):
         lowrank.choose_rank(fake, "dense1", 0.05)
     with pytest.raises(ValueError, match="max_drop"):
         lowrank.choose_rank(sweep, "dense1", 1.5)
+
+
+def test_fine_tune_is_cached_by_the_input_weights(tiny_model, tiny_plain_model, splits, tmp_path):
+    plan = models.FineTune(train_subset=256, batch_size=64)
+    ranks = {"dense1": 4}
+    tuned, record = lowrank.load_or_fine_tune(tiny_model, ranks, splits, plan, directory=tmp_path, progress=False)
+    assert not record["cached"] and record["name"] == "lowrank-dense1r4"
+    assert {"dense1_a", "dense1_b"} <= {layer.name for layer in tuned.layers}
+    assert record["params"] == measure.count_params(tuned)["params"]
+    again, record2 = lowrank.load_or_fine_tune(tiny_model, ranks, splits, plan, directory=tmp_path, progress=False)
+    assert record2["cached"] and models.weights_key(again) == models.weights_key(tuned)
+    # same ranks and plan, another model: a new entry, not the first model's factors
+    other, record3 = lowrank.load_or_fine_tune(tiny_plain_model, ranks, splits, plan, directory=tmp_path,
+                                               progress=False)
+    assert not record3["cached"] and record3["inputs"] != record["inputs"]
+    assert models.weights_key(other) != models.weights_key(tuned)
+    assert len(list(tmp_path.glob("lowrank-dense1r4-*.keras"))) == 2
+    # the float32 export is written once per model
+    path = lowrank.export_tflite(tuned, record["name"], tmp_path)
+    assert path == lowrank.export_tflite(again, record["name"], tmp_path)
+    x = splits.x_val[:64]
+    np.testing.assert_allclose(measure.litert(path)(x), tuned(x, training=False).numpy(), atol=1e-4)

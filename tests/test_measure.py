@@ -1,4 +1,7 @@
 import gzip
+import io
+import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -76,16 +79,10 @@ def test_litert_resizes_batches_and_rejects_bad_files(tflite_path, tmp_path, ima
 
 
 def test_bad_model_paths_raise_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No .tflite"):
-        measure.check_tflite(tmp_path / "missing.tflite")
-    garbage = tmp_path / "notes.tflite"
+    garbage = tmp_path / "notes.tflite"   # tflite.check's messages are tested in test_tflite
     garbage.write_text("this is not a model at all")
     with pytest.raises(ValueError, match="not a TFLite model"):
-        measure.check_tflite(garbage)
-    with pytest.raises(ValueError, match="not a TFLite model"):
         measure.litert(garbage)
-    with pytest.raises(ValueError, match="directory"):
-        measure.check_tflite(tmp_path)
     with pytest.raises(FileNotFoundError, match="No SavedModel"):
         measure.saved_model(tmp_path / "missing_savedmodel")
     with pytest.raises(ValueError, match="is a file"):
@@ -108,8 +105,18 @@ def test_sizes(tmp_path):
     (tmp_path / "d" / "a").write_bytes(bytes(300))
     (tmp_path / "d" / "b").write_bytes(bytes(700))
     assert measure.size_bytes(tmp_path / "d") == 1000
-    assert measure.gzip_bytes(tmp_path / "d") == measure.gzip_bytes(tmp_path / "d")  # deterministic
-    assert measure.gzip_bytes(tmp_path / "d") < 1000
+    # a directory is gzipped as one tar of its files, in name order, with no time stamps: the
+    # figure is the size of exactly that archive, so it is the same on every run and machine
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name in ("a", "b"):
+            info = tar.gettarinfo(str(tmp_path / "d" / name), arcname=name)
+            info.mtime = 0
+            with open(tmp_path / "d" / name, "rb") as f:
+                tar.addfile(info, f)
+    assert measure.gzip_bytes(tmp_path / "d") == len(gzip.compress(archive.getvalue(), 9, mtime=0))
+    os.utime(tmp_path / "d" / "a", (1, 1))  # a new time stamp changes nothing
+    assert measure.gzip_bytes(tmp_path / "d") == len(gzip.compress(archive.getvalue(), 9, mtime=0))
 
 
 def test_params_and_macs_by_hand():
@@ -136,10 +143,7 @@ def test_params_and_macs_by_hand():
 def test_memory_probes(tflite_path):
     grow = measure.peak_rss_during(lambda: np.ones(50_000_000, np.uint8).sum())
     assert grow["rss_growth_bytes"] > 20_000_000
-    arena = measure.litert_arena_bytes(tflite_path)
-    assert 0 < arena["planned_peak_bytes"] <= arena["all_activations_bytes"]
-    # the first conv of the tiny model outputs 28x28x4 float32: it must fit in the arena
-    assert arena["planned_peak_bytes"] >= 28 * 28 * 4 * 4
+    # the LiteRT arena (tflite.arena_bytes) is tested in test_tflite
     process = measure.litert_process_memory(tflite_path)
     assert process["rss_after_inference_bytes"] >= process["rss_runtime_bytes"] > 0
 
@@ -149,3 +153,22 @@ def test_machine_info_names_cpu_and_versions():
     assert info["cores"] >= 1 and info["tensorflow"].startswith("2.21")
     line = measure.machine_string()
     assert "cores" in line and "TF 2.21" in line and "LiteRT" in line
+
+
+def test_side_by_side_and_verdicts(tflite_path, tmp_path, splits, images):
+    copy = tmp_path / "copy.tflite"
+    copy.write_bytes(tflite_path.read_bytes())
+    x, y = splits.x_test[:200], splits.y_test[:200]
+    table, latency = measure.side_by_side({"a": tflite_path, "b": copy}, x, y, latency_images=images,
+                                          reference="a", repeats=10, warmup=2)
+    assert list(table.index) == ["a", "b"] and set(latency.samples_us) == {"a", "b"}
+    assert table.loc["a", "accuracy"] == measure.accuracy(measure.litert(tflite_path), x, y)
+    assert table.loc["b", "accuracy"] == table.loc["a", "accuracy"]   # the same bytes
+    assert table.loc["b", "gzip_bytes"] == measure.gzip_bytes(tflite_path) and table.loc["b", "gzip_ratio"] == 1
+    assert table.loc["a", "speedup_p50"] == 1 and table.loc["b", "latency_p50_us"] == latency.p50("b")
+    with pytest.raises(ValueError, match="reference"):
+        measure.side_by_side({"a": tflite_path}, x, y, latency_images=images, reference="z")
+    verdicts = measure.verdicts({"accuracy": 0.99, "speedup": 1.2}, {"accuracy": 0.99, "speedup": 1.5})
+    assert verdicts.set_index("figure")["met"].to_dict() == {"accuracy": True, "speedup": False}
+    with pytest.raises(ValueError, match="gzip"):
+        measure.verdicts({"accuracy": 1.0}, {"gzip": 30})

@@ -323,3 +323,18 @@ def test_qat_cache_is_reused_for_the_same_weights_and_not_for_other_weights(tiny
     _, unseeded = quant.qat(tiny_model, splits, PLAN, seed_ranges=False, directory=tmp_path, progress=False)
     assert unseeded["cached"] is False
     assert len(list(tmp_path.glob("qat-*.weights.h5"))) == len(list(tmp_path.glob("qat-*.json"))) == 3
+
+
+def test_pcqat_keeps_sparsity_per_layer(tiny_plain_model):
+    """tfmot shares one weight quantizer between layers: an unpruned conv1 would switch sparsity
+    preservation off for the pruned conv2 too. quantize_aware gives each layer its own."""
+    model = models.clone_with_weights(tiny_plain_model)
+    for name in ("conv2", "dense1"):
+        kernel = models.kernel(model, name)
+        kernel[np.abs(kernel) < np.median(np.abs(kernel))] = 0.0   # half zeros, as pruning leaves
+        model.get_layer(name).kernel.assign(kernel)
+    qat_model = quant.quantize_aware(model, "pcqat")
+    preserve = {layer.name: getattr(layer.quantize_config.weight_quantizer, "preserve_sparsity", False)
+                for layer in qat_model.layers if hasattr(getattr(layer, "quantize_config", None), "weight_quantizer")}
+    assert preserve["quant_conv2"] and preserve["quant_dense1"], preserve
+    assert not preserve["quant_conv1"], preserve

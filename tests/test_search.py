@@ -1,49 +1,27 @@
-"""labkit.search: the Pareto front against brute force and Optuna, a resumable study that loses no
-finished trial, dominance, quantization modes and mixed precision read back from the file, one
-cached search point on a tiny model, and bad settings (seconds)."""
+"""labkit.search: the front (feasible trials on results.pareto_front) against Optuna's, a resumable
+study that loses no finished trial, dominance, bad settings and spaces, and one cached search point
+on a tiny model composed from pruning, clustering and the converter (a different parent, a
+different entry) (seconds)."""
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from ai_edge_litert.interpreter import Interpreter
 
-from labkit import measure, search
-
-
-# ----------------------------------------------------------------------------- the Pareto front
-
-def brute_force_front(values):
-    n = len(values)
-    dominated = [any(np.all(values[j] <= values[i]) and np.any(values[j] < values[i]) for j in range(n) if j != i)
-                 for i in range(n)]
-    return ~np.array(dominated)
+from labkit import models, search, tflite
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_front_is_non_dominated_and_complete(seed):
-    rng = np.random.default_rng(seed)
-    values = rng.integers(0, 6, (60, 3)).astype(float)   # small integers: many ties and duplicates
-    mask = search.non_dominated(values)
-    np.testing.assert_array_equal(mask, brute_force_front(values))
-    front, rest = values[mask], values[~mask]
-    for p in front:   # nothing dominates a front point
-        assert not np.any(np.all(values <= p, axis=1) & np.any(values < p, axis=1))
-    for p in rest:    # every other point is dominated by a front point
-        assert np.any(np.all(front <= p, axis=1) & np.any(front < p, axis=1))
+# ----------------------------------------------------------------------------- the front and dominance
 
-
-def test_pareto_front_senses_and_feasibility():
-    two = {"gzip_bytes": "min", "latency_p50_us": "min"}
+def test_front_keeps_feasible_rows_and_reads_the_senses():
     table = pd.DataFrame({"gzip_bytes": [10, 20, 30, 5, 25], "latency_p50_us": [30, 20, 10, 1, 25],
                           "val_accuracy": [0.98, 0.98, 0.98, 0.5, 0.99], "feasible": [True, True, True, False, True]})
-    assert sorted(search.pareto_front(table, two).index) == [0, 1, 2]
-    assert list(search.pareto_front(table, two, feasible_only=False).index) == [3]
+    two = (("gzip_bytes", "min"), ("latency_p50_us", "min"))
+    # row 3 dominates every other row on size and latency, but it is below the floor
+    assert list(search.front(table, two).index) == [2, 1, 0]   # sorted by the second objective
     # with accuracy maximised too, row 4 (dominated on size and latency by row 1) is the most accurate
-    assert sorted(search.pareto_front(table).index) == [0, 1, 2, 4]
-    with pytest.raises(ValueError, match="'max' or 'min'"):
-        search.pareto_front(table, {"gzip_bytes": "smallest"})
-    with pytest.raises(ValueError, match="2-D"):
-        search.non_dominated(np.ones(3))
+    assert sorted(search.front(table).index) == [0, 1, 2, 4]
+    assert search.front(table.assign(feasible=False)).empty
+    assert search.front(pd.DataFrame()).empty
 
 
 def test_dominance():
@@ -59,6 +37,13 @@ def test_dominance():
     assert summary.loc["a", "dominates_all"] and not summary.loc["b", "dominates_all"]
     covered = search.coverage(pairs.reset_index())
     assert covered.to_dict() == {"x": "a", "y": "a"}
+
+
+def test_pipeline_variants_reads_notebook_07_rows_only():
+    store = pd.DataFrame({"variant": ["p1", "p2", "s1", "p3"], "technique": ["pipeline", "pipeline", "search", "pipeline"],
+                          "notebook": ["07_pipeline", "07_pipeline", "08_search", "08_search"],
+                          "artifact": ["a.tflite", None, "b.tflite", "c.tflite"]})
+    assert list(search.pipeline_variants(store)["variant"]) == ["p1"]
 
 
 # ----------------------------------------------------------------------------- the study
@@ -80,7 +65,8 @@ def test_our_front_matches_optuna_and_respects_the_floor(tmp_path):
     search.optimize(study, fake_evaluate, 10, accuracy_floor=0.975, space=SPACE, progress=False)
     trials = search.trials_table(study)
     assert len(trials) == 10
-    front = search.pareto_front(trials)
+    assert not trials["feasible"].all(), "the floor should exclude the 0.9 sparsity trials"
+    front = search.front(trials)
     assert sorted(front.index) == sorted(t.number for t in study.best_trials)
     assert (front["val_accuracy"] >= 0.975).all()
     assert set(trials.loc[~trials["feasible"], "sparsity"]) <= {0.9}   # only the 0.9 points fall below
@@ -126,7 +112,7 @@ def test_bad_floor(floor, tmp_path):
     assert not search.finished(study)
 
 
-def test_bad_settings(tiny_model, splits):
+def test_bad_settings_and_spaces(tiny_model, splits):
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="n_trials"):
             search.check_budget(bad)
@@ -136,84 +122,48 @@ def test_bad_settings(tiny_model, splits):
         search.Settings(sparsity=1.0)
     with pytest.raises(ValueError, match="clusters"):
         search.Settings(clusters=1)
+    # clustering refuses k=2 when it preserves sparsity: the search refuses it before any trial
+    with pytest.raises(ValueError, match="clusters >= 3"):
+        search.Settings(sparsity=0.5, clusters=2)
+    assert search.Settings(sparsity=0.0, clusters=2).clusters == 2
+    with pytest.raises(ValueError, match="drop 2 from clusters"):
+        search.SearchSpace(sparsity=(0.0, 0.5), clusters=(0, 2))
+    with pytest.raises(ValueError, match="quantization"):
+        search.SearchSpace(quantization=("int8", "int4"))
     with pytest.raises(ValueError, match="not among the parents"):
         search.build(search.Settings(model="other"), {"tiny": tiny_model}, splits)
     with pytest.raises(ValueError, match="not among the parents"):
         search.run_search({"tiny": tiny_model}, splits, n_trials=1, space=search.SearchSpace(model=("other",)))
-    with pytest.raises(ValueError, match="mode"):
-        search.converter(tiny_model, "int4")
-    with pytest.raises(ValueError, match="calibration"):
-        search.converter(tiny_model, "int8")
-
-
-# ----------------------------------------------------------------------------- quantization read back
-
-def test_modes_and_mixed_precision(tiny_model, splits, tmp_path):
-    layers = search.weight_layers(tiny_model)
-    calibration = splits.x_train[:50]
-    expected = {"float32": "float32", "float16": "float16", "dynamic": "int8", "int8": "int8"}
-    for mode, dtype in expected.items():
-        path = search.write(search.converter(tiny_model, mode, calibration if mode == "int8" else None),
-                            tmp_path / f"{mode}.tflite")
-        precisions = search.op_precisions(path, layers)
-        assert sorted(precisions.index) == sorted(layers)
-        # dynamic range leaves tiny kernels (conv1 has 36 weights) in float: check the large ones
-        big = ["dense1"] if mode == "dynamic" else layers
-        assert set(precisions.loc[big, "weights"]) == {dtype}, (mode, precisions)
-
-    debug, stats = search.debugger(tiny_model, calibration)
-    assert set(stats["layer"]) - {""} == set(layers)
-    # the trap: a Keras name is not a node name, and the denylist ignores it silently
-    naive = search.write(search.denylist(debug, ["logits"]), tmp_path / "naive.tflite")
-    assert set(search.op_precisions(naive, layers)["weights"]) == {"int8"}
-    mixed = search.mixed_tflite(tiny_model, calibration, ["conv1", "logits"], tmp_path / "mixed.tflite")
-    precisions = search.op_precisions(mixed, layers)
-    assert precisions.loc[["conv1", "logits"], "weights"].tolist() == ["float32", "float32"]
-    assert precisions.loc[["conv2", "dense1"], "weights"].tolist() == ["int8", "int8"]
-    # the mixed model still computes the same function, within int8 error
-    ref = tiny_model.predict(splits.x_val[:200], verbose=0).argmax(1)
-    agree = np.mean(measure.litert(mixed)(splits.x_val[:200]).argmax(1) == ref)
-    assert agree > 0.9, agree
-    with pytest.raises(ValueError, match="no conv or fully-connected op"):
-        search.nodes_of(stats, ["dense9"])
-
-
-def test_fragile_layers_rule():
-    table = pd.DataFrame({"gain": [0.0, 0.002, 0.002, -0.001], "rmse_in_steps": [0.5, 0.3, 0.4, 0.9]},
-                         index=["a", "b", "c", "d"])
-    assert search.fragile_layers(table, 2) == ["c", "b"]   # gains first, error breaks the tie
-    assert search.fragile_layers(table, 1) == ["c"]
-    no_gain = table.assign(gain=0.0)
-    assert search.fragile_layers(no_gain) == ["d"]          # nothing gains: the largest error
-    with pytest.raises(ValueError, match="max_layers"):
-        search.fragile_layers(table, 0)
 
 
 # ----------------------------------------------------------------------------- one search point
 
-def dense_weights(path):
-    with_interp = Interpreter(model_path=str(path))
-    with_interp.allocate_tensors()
-    details = {t["index"]: t for t in with_interp.get_tensor_details()}
-    for op in with_interp._get_ops_details():
-        if op["op_name"] == "FULLY_CONNECTED" and "/dense1/" in details[op["inputs"][1]]["name"]:
-            return with_interp.get_tensor(op["inputs"][1])
-    raise AssertionError("no dense1 op")
-
-
-def test_build_prunes_clusters_quantizes_and_caches(tiny_model, splits, tmp_path):
+def test_build_prunes_clusters_quantizes_and_caches(tiny_model, tiny_plain_model, splits, tmp_path):
     settings = search.Settings(model="tiny", sparsity=0.5, clusters=8, quantization="int8")
-    plan = search.FineTune(train_subset=256)
-    parents = {"tiny": tiny_model}
-    assert search.prunable(tiny_model) == ["dense1"]   # 392 x 16 weights; the rest are below the threshold
-    built = search.build(settings, parents, splits, plan, directory=tmp_path)
-    assert built["build_seconds"] > 0 and 0 <= built["val_accuracy"] <= 1
-    w = dense_weights(built["artifact"])
-    assert w.dtype == np.int8
-    sparsity = np.mean(w == 0)
+    plan = models.FineTune(train_subset=256, batch_size=64)
+    directory = tmp_path / "trials"
+    assert search.large_layers(tiny_model) == ["dense1"]   # 392 x 16 weights; the rest are below the threshold
+    built = search.build(settings, {"tiny": tiny_model}, splits, plan, directory=directory)
+    assert built["build_seconds"] > 0 and 0.1 < built["val_accuracy"] <= 1
+    path = built["artifact"]
+    assert tflite.io_dtypes(path) == (np.int8, np.int8)   # the one converter's int8: int8 in and out
+    w = tflite.weights(path)["dense1"]
+    assert w["dtype"] == np.int8
+    sparsity = np.mean(w["values"] == 0)
     assert 0.45 <= sparsity <= 0.6, f"dense1 sparsity {sparsity:.3f} in the file"
     # per output channel, 8 shared values (zero among them) become at most 8 int8 codes
-    assert max(len(np.unique(row)) for row in w) <= 8
-    again = search.build(settings, parents, splits, plan, directory=tmp_path)
+    assert max(len(np.unique(row)) for row in w["values"]) <= 8
+    assert len(np.unique(tflite.weights(path)["conv2"]["values"])) > 8, "conv2 is below the threshold: not clustered"
+
+    again = search.build(settings, {"tiny": tiny_model}, splits, plan, directory=directory)
     assert again["build_seconds"] == 0.0 and again["val_accuracy"] == built["val_accuracy"]
-    assert again["artifact"] == built["artifact"]
+    assert again["artifact"] == path
+    # another quantization of the same pruned parent: the pruned model comes from its cache
+    search.build(search.Settings(model="tiny", sparsity=0.5, quantization="float16"), {"tiny": tiny_model}, splits,
+                 plan, directory=directory)
+    assert len(list((tmp_path / "pruned").glob("pruned-s50-*.keras"))) == 1
+    # same settings and name, another parent model: a new trial, not the first parent's file
+    other = search.build(settings, {"tiny": tiny_plain_model}, splits, plan, directory=directory)
+    assert other["build_seconds"] > 0 and other["artifact"] != path
+    assert other["inputs"] != built["inputs"]
+    assert len(list((tmp_path / "pruned").glob("pruned-s50-*.keras"))) == 2

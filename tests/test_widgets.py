@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from labkit import results, widgets
+from labkit import pipeline, results, widgets
 
 ROWS = [
     # variant, technique, accuracy, latency_p50_us, gzip_bytes
@@ -62,7 +62,7 @@ def test_explorer_axes_filter_and_details(store):
 def fake_builder(calls):
     def build(sparsity, clusters, quantization, on_progress=None):
         calls.append((sparsity, clusters, quantization))
-        for stage in widgets.STAGES:
+        for stage in pipeline.STAGES:
             on_progress(stage, 0.5)
             on_progress(stage, 1.0)
         return {"variant": f"pipeline-custom-s{round(100 * sparsity)}-k{clusters}-{quantization}",
@@ -76,23 +76,23 @@ def test_build_panel_builds_once_per_setting_and_adds_to_the_plot(store):
     explorer = widgets.Explorer(path=store)
     calls = []
     panel = widgets.BuildPanel(explorer, builder=fake_builder(calls), path=store)
-    panel.sparsity.value, panel.clusters.value, panel.quantization.value = 0.9, 8, "ptq-int8"
+    panel.sparsity.value, panel.clusters.value, panel.quantization.value = 0.9, 8, "int8"
     panel.button.click()
-    assert calls == [(0.9, 8, "ptq-int8")]
+    assert calls == [(0.9, 8, "int8")]
     assert panel.bar.value == pytest.approx(1.0) and panel.bar.bar_style == "success"
-    name = "pipeline-custom-s90-k8-ptq-int8"
+    name = "pipeline-custom-s90-k8-int8"
     assert name in set(results.load(store)["variant"])
     assert "pipeline" in explorer.techniques.value and explorer.variant.value == name
     assert plotted_points(explorer) == len(ROWS) + 1
 
     panel.button.click()  # same settings: taken from the cache, not rebuilt
-    assert calls == [(0.9, 8, "ptq-int8")] and "already built" in panel.status.value
+    assert calls == [(0.9, 8, "int8")] and "already built" in panel.status.value
 
     panel.clusters.value = 16
     panel.button.click()
     panel.clusters.value = 8
     panel.button.click()
-    assert calls == [(0.9, 8, "ptq-int8"), (0.9, 16, "ptq-int8")]
+    assert calls == [(0.9, 8, "int8"), (0.9, 16, "int8")]
     assert panel.builds == calls
     assert len(results.load(store)) == len(ROWS) + 2
 
@@ -103,7 +103,9 @@ def test_build_panel_reports_progress_in_stage_order(store):
     panel.bar.observe(lambda change: seen.append(change["new"]), names="value")
     panel.build()
     assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
-    assert pytest.approx(0.125) in seen  # half of the first of four stages
+    assert pytest.approx(0.5 / len(pipeline.STAGES)) in seen  # half of the first stage (fold)
+    assert widgets.STAGES is pipeline.STAGES  # one vocabulary: the pipeline's stages and modes
+    assert panel.quantization.options == pipeline.QUANTIZATION
 
 
 def test_build_panel_shows_errors_and_stays_usable(store):

@@ -32,9 +32,13 @@ OUT_DIR = ARTIFACTS_DIR / "distributed"
 class ClusterError(RuntimeError):
     """The local cluster could not run the job; the message says which worker and why.
 
-    `pids` lists the worker processes the launcher had started (all stopped by then).
+    `pids` lists the worker processes the launcher had started (all stopped by then); each error
+    has its own list.
     """
-    pids: list = []
+
+    def __init__(self, *args, pids=()):
+        super().__init__(*args)
+        self.pids = list(pids)
 
 
 # ----------------------------------------------------------------------------- ports and TF_CONFIG

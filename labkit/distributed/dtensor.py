@@ -196,6 +196,7 @@ def check_all(limit: int = 2000, throughput_images: int = 10000, num_devices: in
     with labkit.quiet_stderr():
         import tensorflow as tf
     devices = split_cpu(num_devices)
+    labkit.setup(seed=0)  # after the logical devices: setup starts TensorFlow's runtime
     import tf_keras as keras
     keras.backend.experimental.enable_tf_random_generator()  # the LayoutMap needs it (dropout's seed)
     from labkit import models

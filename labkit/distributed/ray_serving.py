@@ -8,6 +8,9 @@ Ray process bound to 127.0.0.1) and on a Ray cluster given its address.
 
 The job runs in a fresh process, `python -m labkit.distributed.ray_serving`, so that a Ray
 that fails to start or hangs is stopped by a timeout and takes every process it started with it.
+That entry point does not call labkit.setup(): the driver and its actors run LiteRT and NumPy,
+never TensorFlow, and nothing in the job draws a random number, so setup would only load
+TensorFlow (seconds and hundreds of MB) into the driver for nothing.
 """
 from __future__ import annotations
 
@@ -33,38 +36,26 @@ class RayUnavailable(RuntimeError):
 
 # ----------------------------------------------------------------------------- the int8 model
 
-def int8_tflite(path: Path | None = None, model=None) -> Path:
+def int8_tflite(model=None, directory: Path = OUT_DIR) -> Path:
     """The baseline (or `model`) as a full-integer int8 .tflite: int8 weights, activations, input, output.
 
-    Made here with the TFLite converter, calibrated on validation images, and cached at `path`,
-    so this notebook does not depend on the quantization notebook's files.
+    Converted by quantization.converter, calibrated on the first CALIBRATION_IMAGES validation
+    images, and cached in `directory` by models.cached: the file name's key covers the model's
+    weights, so another model never gets this one's file, and the file is written atomically.
+    This notebook therefore does not depend on the quantization notebook's files.
     """
-    from labkit import models
-    config = models.BaselineConfig()
-    if path is None:
-        if model is not None:
-            raise ValueError("give a path when converting a model other than the baseline")
-        path = OUT_DIR / f"baseline-{config.key()}_int8.tflite"
-    path = Path(path)
-    if path.is_file():
-        return path
-    import tensorflow as tf
+    from labkit import models, quantization
     from labkit.data import load_mnist
     if model is None:
-        model, _ = models.load_or_train_baseline(config)
+        model, _ = models.load_or_train_baseline()
     calibration = np.asarray(load_mnist().x_val[:CALIBRATION_IMAGES])
-
-    def representative_data():
-        for i in range(len(calibration)):
-            yield [calibration[i:i + 1]]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_data
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    return models.save_tflite(converter, path)
+    settings = {"mode": "int8", "int8_io": True, "calibration": f"x_val[:{CALIBRATION_IMAGES}]"}
+    path, _ = models.cached(
+        "ray-int8", settings, [model],
+        lambda: (quantization.converter(model, "int8", calibration, int8_io=True,
+                                        num_samples=CALIBRATION_IMAGES), {}),
+        directory, kind="tflite")
+    return path
 
 
 # ----------------------------------------------------------------------------- one actor

@@ -92,7 +92,7 @@ def run(args, config: dict) -> dict:
     import tf_keras as keras
 
     # Threads and collectives must be set before TensorFlow starts its runtime, so no op may run
-    # before the strategy exists (labkit.setup() would start it: it is not called here).
+    # before the strategy exists: labkit.setup() (which runs one) comes right after it.
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     tf.get_logger().setLevel("ERROR")
@@ -102,6 +102,7 @@ def run(args, config: dict) -> dict:
     with labkit.quiet_stderr():  # gRPC server start-up lines
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # blocks until every peer answers
     connected.set()
+    labkit.setup(seed=0)  # seeds, op determinism, quiet logs: the runtime is configured by now
     emit("connected", worker=index, num_workers=len(workers), replicas=strategy.num_replicas_in_sync)
 
     splits = load_mnist()
