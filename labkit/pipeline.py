@@ -290,13 +290,13 @@ def record(table: pd.DataFrame, latency, names: dict, stages_csv: Path = STAGES_
     the book report compares the final model with the baseline from the same timing loop.
     """
     from labkit import measure, results
-    rows = [results.make_row(variant, "pipeline", NOTEBOOK, accuracy=float(table.loc[label, "accuracy"]),
-                             latency=latency, runner_name=label, artifact=table.loc[label, "artifact"])
-            for label, variant in names.items()]
     kept = table.drop(columns=["artifact"]).assign(variant=pd.Series(names), machine=measure.machine_string())
-    Path(stages_csv).parent.mkdir(parents=True, exist_ok=True)
-    kept.rename_axis("stage").to_csv(stages_csv)
-    return results.upsert(rows) if results_path is None else results.upsert(rows, results_path)
+    stages_csv = Path(stages_csv)
+    stages_csv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stages_csv.with_name(stages_csv.name + ".tmp")   # read back by the report: written whole or not at all
+    kept.rename_axis("stage").to_csv(tmp)
+    tmp.replace(stages_csv)
+    return results.record_table(table, latency, "pipeline", NOTEBOOK, names, results_path)
 
 
 def report_figures(table: pd.DataFrame | None = None, stages_csv: Path = STAGES_CSV):

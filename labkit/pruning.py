@@ -464,8 +464,7 @@ def headline_models(splits, baseline=None, progress: bool = True) -> dict:
 
 
 def target_checks(table: pd.DataFrame) -> pd.DataFrame:
-    """The issue's targets from a table indexed baseline / unstructured / structured with columns
-    accuracy, gzip_bytes, macs and latency_p50_us (all measured in one run)."""
+    """Notebook 02's targets from one run's table (rows baseline, unstructured, structured)."""
     base, sparse, small = (table.loc[n] for n in ("baseline", "unstructured", "structured"))
     rows = [  # (target, measured, unit, at most or at least, goal)
         ("80% unstructured: test accuracy drop", 100 * (base["accuracy"] - sparse["accuracy"]), "points", "<=", 0.3),
@@ -482,8 +481,7 @@ def target_checks(table: pd.DataFrame) -> pd.DataFrame:
 def benchmark(repeats: int = 300, threads: int = 1) -> pd.DataFrame:
     """Print the targets measured in one run: test accuracy, gzip size, MACs, LiteRT p50 at batch 1."""
     from labkit.data import load_mnist
-    splits = load_mnist()
-    found = headline_models(splits, progress=False)
+    found = headline_models(splits := load_mnist(), progress=False)
     paths = {"baseline": models.baseline_tflite(),
              "unstructured": export_tflite(found["unstructured"], PRUNING_DIR / "unstructured-80.tflite"),
              "structured": export_tflite(found["structured"], PRUNING_DIR / "structured-l1.tflite")}

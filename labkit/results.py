@@ -139,6 +139,17 @@ def make_row(variant: str, technique: str, notebook: str, *, accuracy=None, late
     return row
 
 
+def record_table(table: pd.DataFrame, latency, technique: str, notebook: str, names: dict | None = None,
+                 path: Path | None = None) -> pd.DataFrame:
+    """Store the rows of a measure.side_by_side table; `names` ({label: variant}) picks and renames them.
+
+    Without `names` every row is stored under its label. Returns the whole store.
+    """
+    names = {label: label for label in table.index} if names is None else names
+    rows = [make_row(variant, technique, notebook, accuracy=float(table.loc[label, "accuracy"]), latency=latency,
+                     runner_name=label, artifact=table.loc[label, "artifact"]) for label, variant in names.items()]
+    return upsert(rows, path)
+
 # ----------------------------------------------------------------------------- the Pareto front
 
 OBJECTIVES = (("accuracy", "max"), ("latency_p50_us", "min"), ("gzip_bytes", "min"))

@@ -318,9 +318,7 @@ def pipeline_variants(table: pd.DataFrame | None = None) -> pd.DataFrame:
 
 def record(table: pd.DataFrame, latency, technique: str = "search") -> pd.DataFrame:
     """Store the rows of a side-by-side table (index: variant name) as notebook 08's."""
-    rows = [results.make_row(name, technique, NOTEBOOK, accuracy=float(row["accuracy"]), latency=latency,
-                             runner_name=name, artifact=row["artifact"]) for name, row in table.iterrows()]
-    return results.upsert(rows)
+    return results.record_table(table, latency, technique, NOTEBOOK)
 
 
 def compare_with_pipeline(found: pd.DataFrame, splits, store: pd.DataFrame | None = None, repeats: int = 300):
