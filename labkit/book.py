@@ -20,7 +20,7 @@ BUILD_DIR = ROOT / "build" / "book"
 
 def notebooks(directory: Path = NOTEBOOKS_DIR) -> list[Path]:
     """The book's notebooks in reading order (their names start with the chapter number)."""
-    return sorted(p for p in Path(directory).glob("[0-9][0-9]_*.ipynb"))
+    return sorted(p for p in Path(directory).glob("[0-9][0-9]*_*.ipynb"))   # 04b sorts after 04
 
 
 def run_notebook(path: Path, out_dir: Path, timeout_s: int = 1800) -> dict:

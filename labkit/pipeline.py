@@ -11,7 +11,9 @@ function the technique's own notebook taught:
             (`pruning.sensitivity_sweep`), reaching the target at 60% of the steps;
 - cluster   `clustering.cluster` with sparsity preserved;
 - quantize  `quantization.converter`, after `quantization.qat` for "qat-int8" and "pcqat-int8"
-            (PCQAT keeps both the zeros and the clusters).
+            (PCQAT keeps both the zeros and the clusters); or, for "int4-weights", LiteRT's own
+            quantizer on the clustered float .tflite (`litert_quant.tolerant_recipe`: int4 weights
+            for the layers whose validation accuracy tolerates it, int8 for the rest).
 
 Every stage goes through `models.cached`: its key covers the stage's own settings and the weights
 of the model it starts from, so a re-run, or the build-your-own panel of labkit.widgets, never
@@ -21,6 +23,7 @@ left here is naming (`STAGES`, `QUANTIZATION`, `variant_names`) and reporting (`
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,8 +36,10 @@ from labkit import ARTIFACTS_DIR
 PIPELINE_DIR = ARTIFACTS_DIR / "pipeline"
 NOTEBOOK = "07_pipeline"
 STAGES = ("fold", "thin", "prune", "cluster", "quantize")  # cache names, table rows, variant names, progress
-# The final stage's modes, in quantization's words: its PTQ modes, then "<QAT scheme>-int8".
-QUANTIZATION = ("float32", "int8", "qat-int8", "pcqat-int8")
+# The final stage's modes, in quantization's words: its PTQ modes, then "<QAT scheme>-int8"; and
+# "int4-weights", LiteRT's own quantizer (labkit.litert_quant) on the clustered float .tflite.
+QUANTIZATION = ("float32", "int8", "qat-int8", "pcqat-int8", "int4-weights")
+INT4_MAX_DROP = 0.001  # "int4-weights": a layer gets int4 if alone it costs at most this validation accuracy
 TARGETS = {"accuracy": 0.990, "gzip_ratio": 30.0, "speedup_p50": 1.5}  # final stage vs the baseline, minimums
 WEIGHT_LAYERS = ("conv1", "conv2", "dense1", "logits")
 PRUNE_RAMP = 0.6  # the sparsity reaches its target at 60% of the steps; the survivors then recover
@@ -206,7 +211,16 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), splits=None, *, dire
 
     model = baseline  # each stage's cache key: its settings and the weights of the model it starts from
     for stage, build in zip(STAGES, (fold, thin, prune, cluster, quantize)):
-        if stage == "quantize":
+        if stage == "quantize" and c.quantization == "int4-weights":   # the tool works on the .tflite itself
+            from labkit import litert_quant
+            start, float_path = time.perf_counter(), run.tflite["cluster"]
+            recipe, layers = litert_quant.tolerant_recipe(float_path, splits.x_val, splits.y_val, INT4_MAX_DROP,
+                                                          directory=directory / "int4-trials")
+            path = litert_quant.quantize(float_path, recipe, name=stage, directory=directory)
+            record = {"recipe": recipe.name, "int4_layers": layers.reset_index().to_dict("records"),
+                      "val_accuracy": measure.accuracy(measure.litert(path), splits.x_val, splits.y_val),
+                      "cached": False, "build_seconds": time.perf_counter() - start}
+        elif stage == "quantize":
             path, record = models.cached(stage, c.stage_settings(stage), [model], lambda: build(model),
                                          directory, kind="tflite")
             record["val_accuracy"] = measure.accuracy(measure.litert(path), splits.x_val, splits.y_val)

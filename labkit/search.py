@@ -8,9 +8,11 @@ SQLite), the front's comparison with notebook 07 (`dominance`) and `benchmark()`
     parent  ->  pruning.prune (cached by models.cached)  ->  clustering.cluster
             ->  quantization.converter, or mixed.mixed_tflite  ->  models.cached(kind="tflite")
 
-Quantization modes are quantization.MODES plus "mixed" (labkit/mixed.py). "int8" is the one
-converter's default: int8 input and output, as in notebook 07. The Pareto front is
-results.pareto_front; the interleaved measurement is measure.side_by_side.
+Quantization modes are quantization.MODES plus "mixed" (labkit/mixed.py) and "int4" (LiteRT's own
+quantizer on the float .tflite, int4 weights where validation accuracy tolerates them:
+labkit/litert_quant.py). "int8" is the one converter's default: int8 input and output, as in
+notebook 07. The Pareto front is results.pareto_front; the interleaved measurement is
+measure.side_by_side. `smallest_at` looks for the smallest model at 99% (notebook 04b).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from labkit import ARTIFACTS_DIR, clustering, measure, mixed, models, pruning, q
 
 SEARCH_DIR = ARTIFACTS_DIR / "search"
 NOTEBOOK = "08_search"
-QUANT_MODES = quantization.MODES + ("mixed",)
+QUANT_MODES = quantization.MODES + ("mixed", "int4")
+INT4_MAX_DROP = 0.001      # "int4": a layer gets int4 weights if alone it costs at most this validation accuracy
 PRUNE_MIN_WEIGHTS = 4000   # smaller kernels (conv1, logits, thin factors) are not worth the accuracy
 PRUNE_RAMP = 0.5           # the sparsity reaches its target halfway, then the survivors settle
 
@@ -105,6 +108,12 @@ def build(settings: Settings, parents: dict, splits, plan: models.FineTune = mod
             path = Path(scratch) / "trial.tflite"
             if settings.quantization == "mixed":
                 mixed.mixed_tflite(model, calibration, float_layers, path)
+            elif settings.quantization == "int4":
+                from labkit import litert_quant
+                models.save_tflite(model, Path(scratch) / "float.tflite")
+                recipe, _ = litert_quant.tolerant_recipe(Path(scratch) / "float.tflite", splits.x_val, splits.y_val,
+                                                         INT4_MAX_DROP, directory=Path(scratch) / "int4")
+                models.save_tflite(litert_quant.apply(Path(scratch) / "float.tflite", recipe), path)
             else:
                 models.save_tflite(quantization.converter(
                     model, settings.quantization, calibration if settings.quantization == "int8" else None), path)
@@ -398,6 +407,67 @@ def benchmark(n_trials: int = BOOK_TRIALS, accuracy_floor: float = ACCURACY_FLOO
           f"{summary.loc[best, 'dominated']} of {n_made}; {int((coverage(pairs) != '').sum())} of {n_made} "
           "are dominated by some found variant")
     return out
+
+
+# ============================================================================ 5. the smallest model at 99%
+
+# The candidates for the smallest model at 99%: (name, fraction of zeros or {layer: fraction}, fine-tune epochs),
+# each pruned from notebook 08's low-rank parent (the polynomial schedule, PRUNE_RAMP), then int4.
+SMALLEST_PRUNING = (
+    ("s80", 0.8, 3),                    # a number: `pruned` (the search's own), the large kernels only
+    ("s90", 0.9, 3),
+    ("all-s85-50", {"dense1_a": 0.85, "conv2_kx1": 0.5, "conv2_1xk": 0.5, "dense1_b": 0.5, "logits": 0.3}, 3),
+)
+SMALLEST_THIN = ({"conv2": 0.5, "dense1": 0.9}, 4)   # notebook 07's thinned model, pruned longer
+SMALLEST_TARGETS = (0.990, 0.992)       # test accuracy; chosen on validation (litert_quant.validation_floor)
+
+
+def smallest_candidates(splits, pruning_plans=SMALLEST_PRUNING, with_pipeline: bool = True,
+                        directory: Path = SEARCH_DIR / "smallest") -> dict:
+    """{name: float32 .tflite}: the low-rank parent pruned by each of `pruning_plans` (cached; the
+    fine-tune is a few minutes each on two cores the first time), notebook 07's clustered stage and
+    its thinned model pruned by SMALLEST_THIN."""
+    from labkit import pipeline
+    low = parents(splits, progress=False)["lowrank"]
+    found = {}
+    for name, targets, epochs in pruning_plans:
+        plan = models.FineTune(epochs=epochs)
+        if isinstance(targets, dict):
+            model, _ = pruning.cached_prune(name, low, targets, splits, plan, ramp=PRUNE_RAMP,
+                                            frequency=max(plan.steps(len(splits.x_train)) // 10, 1),
+                                            directory=SEARCH_DIR / "pruned", progress=False)
+        else:
+            model = pruned(low, targets, splits, plan, SEARCH_DIR / "pruned")
+        label = f"lowrank-{name}-e{epochs}"
+        found[label], _ = models.cached(label, {}, [model], lambda: (model, {}), directory, kind="tflite")
+    if with_pipeline:
+        run = pipeline.run_pipeline(pipeline.PipelineConfig(), splits, progress=False, until="cluster")
+        found["pipeline-cluster"] = run.tflite["cluster"]
+        targets, epochs = SMALLEST_THIN
+        plan = models.FineTune(epochs=epochs)
+        name = "thin-" + "-".join(f"{layer}{round(100 * s)}" for layer, s in targets.items())
+        model, _ = pruning.cached_prune(name, run.models["thin"], targets, splits, plan, ramp=PRUNE_RAMP,
+                                        frequency=max(plan.steps(len(splits.x_train)) // 10, 1),
+                                        directory=SEARCH_DIR / "pruned", progress=False)
+        found[f"pipeline-{name}-e{epochs}"], _ = models.cached(f"pipeline-{name}-e{epochs}", {}, [model],
+                                                               lambda: (model, {}), directory, kind="tflite")
+    return found
+
+
+def smallest_at(splits, targets=SMALLEST_TARGETS, candidates: dict | None = None, record_rows: bool = True,
+                directory: Path | None = None, test_all: bool = False) -> dict:
+    """The smallest gzipped file at each test-accuracy target, chosen on validation accuracy
+    (litert_quant.smallest over smallest_candidates and its int4/int8 recipes); rows go to the store."""
+    from labkit import litert_quant
+    candidates = smallest_candidates(splits) if candidates is None else candidates
+    floors = {f"{100 * t:.1f}%": litert_quant.validation_floor(t) for t in targets}
+    table, chosen = litert_quant.smallest(candidates, splits, floors, directory=directory or litert_quant.LITERT_DIR,
+                                          test_all=test_all)
+    if record_rows and chosen:
+        results.upsert([results.make_row(f"litert-smallest-at-{label}", "quantization", "04b_litert_quantizer",
+                                         accuracy=row["test_accuracy"], artifact=row["artifact"])
+                        for label, row in chosen.items()])
+    return {"table": table, "chosen": chosen, "floors": floors, "candidates": candidates}
 
 
 if __name__ == "__main__":

@@ -74,6 +74,12 @@ def _layer_like(tensor_name: str) -> str | None:
     return None
 
 
+def layer_like(tensor_name: str) -> str | None:
+    """The layer a tensor belongs to without a list of layers: its first layer-like name part (conv2,
+    dense1, dense1_a, logits), or None; the rule `weights` uses when it is given no layers."""
+    return _layer_like(tensor_name)
+
+
 def _op_details(found) -> list:
     return found._get_ops_details()
 
@@ -218,3 +224,97 @@ def arena_bytes(path) -> dict:
     peak = max(sum(nbytes(i) for i in activations if first.get(i, -1) <= step <= last.get(i, first.get(i, -1)))
                for step in range(len(op_list)))
     return {"all_activations_bytes": sum(nbytes(i) for i in activations), "planned_peak_bytes": peak}
+
+
+# ----------------------------------------------------------------------------- as stored in the file
+
+def _unpack_int4(data: np.ndarray, count: int) -> np.ndarray:
+    """Signed 4-bit codes, two to a byte (low nibble first), as int8."""
+    low, high = (data & 0x0F).astype(np.int8), (data >> 4).astype(np.int8)
+    codes = np.stack([low, high], axis=1).reshape(-1)[:count]
+    return np.where(codes > 7, codes - 16, codes).astype(np.int8)
+
+
+def _buffer_data(model, raw: bytes, buffer: int) -> np.ndarray | None:
+    """A buffer's bytes: inside the flatbuffer, or (files over 2 GB, and ai-edge-quantizer's output)
+    appended after it and found by offset and size."""
+    if buffer >= len(model.buffers):
+        return None
+    b = model.buffers[buffer]
+    if b.data is not None:
+        return np.asarray(b.data, np.uint8)
+    if b.offset > 1 and b.size:
+        return np.frombuffer(raw, np.uint8, count=b.size, offset=b.offset)
+    return None
+
+
+def stored_tensors(path) -> pd.DataFrame:
+    """Every tensor as the flatbuffer stores it (notebook 04b), which the interpreter does not say.
+
+    The interpreter reports an INT4 tensor as int8 with one byte per weight; the file packs two
+    codes to a byte. Columns: name, type (the schema's name: FLOAT32, INT8, INT4, ...), shape,
+    stored_bytes (the tensor's buffer; 0 for activations), scales, zero_points,
+    quantized_dimension, block_size (blockwise quantization: weights per scale; 0 otherwise) and
+    scales_tensor (the tensor index holding a blockwise tensor's scales, else -1).
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    model, raw = _flatbuffer(path), check(path).read_bytes()
+    names = _enum_names(schema.TensorType)
+    rows = []
+    for index, t in enumerate(model.subgraphs[0].tensors):
+        data = _buffer_data(model, raw, t.buffer)
+        q, block_size, scales_tensor = t.quantization, 0, -1
+        if q is not None and q.detailsType == schema.QuantizationDetails.BlockwiseQuantization:
+            block_size, scales_tensor = int(q.details.blockSize), int(q.details.scales)
+        rows.append({"index": index, "name": t.name.decode() if isinstance(t.name, bytes) else t.name,
+                     "type": names.get(t.type, str(t.type)),
+                     "shape": tuple(int(d) for d in (t.shape if t.shape is not None else ())),
+                     "stored_bytes": 0 if data is None else len(data),
+                     "scales": np.asarray(q.scale if q is not None and q.scale is not None else [], np.float32),
+                     "zero_points": np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [],
+                                               np.int64),
+                     "quantized_dimension": int(q.quantizedDimension) if q is not None else 0,
+                     "block_size": block_size, "scales_tensor": scales_tensor})
+    return pd.DataFrame(rows).set_index("index")
+
+
+def stored_values(path, index: int) -> np.ndarray:
+    """The values of constant tensor `index` as stored: INT4 codes unpacked to int8, others as their dtype."""
+    import ml_dtypes
+    from ai_edge_litert import schema_py_generated as schema
+    model = _flatbuffer(path)
+    t = model.subgraphs[0].tensors[index]
+    data = _buffer_data(model, check(path).read_bytes(), t.buffer)
+    if data is None:
+        raise ValueError(f"tensor {index} ({t.name!r}) has no data in the file: it is an activation")
+    shape = tuple(int(d) for d in t.shape)
+    dtypes = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16,
+              schema.TensorType.INT32: np.int32, schema.TensorType.INT8: np.int8, schema.TensorType.UINT8: np.uint8,
+              schema.TensorType.INT64: np.int64, schema.TensorType.INT16: np.int16,
+              schema.TensorType.BFLOAT16: ml_dtypes.bfloat16}
+    if t.type == schema.TensorType.INT4:
+        return _unpack_int4(data, int(np.prod(shape))).reshape(shape)
+    if t.type not in dtypes:
+        raise ValueError(f"tensor {index} has type {_enum_names(schema.TensorType)[t.type]}, which this reader "
+                         "does not decode")
+    return data.view(dtypes[t.type]).reshape(shape)
+
+
+def structure_bytes(path) -> dict:
+    """Bytes of a file that are not tensor data (graph, names, quantization parameters), raw and gzipped.
+
+    Measured by writing the same flatbuffer with every buffer emptied: what no weight
+    compression can remove (notebook 04b's closing note).
+    """
+    import gzip
+
+    import flatbuffers
+    model = _flatbuffer(path)
+    data_bytes = sum(len(b.data) if b.data is not None else b.size for b in model.buffers)
+    for b in model.buffers:
+        b.data, b.offset, b.size = None, 0, 0
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    empty = bytes(builder.Output())
+    return {"file_bytes": check(path).stat().st_size, "data_bytes": data_bytes, "structure_bytes": len(empty),
+            "structure_gzip_bytes": len(gzip.compress(empty, compresslevel=9, mtime=0))}

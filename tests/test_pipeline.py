@@ -42,9 +42,11 @@ def test_one_vocabulary_for_stages_and_quantization():
     assert list(names) == list(pipeline.STAGES)
     assert all(name.startswith(f"pipeline-{stage}") for stage, name in names.items())
     assert names["quantize"].endswith("-k16-pcqat-int8")
-    # The final stage's modes are quantization's own words: PTQ modes, and QAT schemes ending in -int8.
+    # The final stage's modes are quantization's own words: PTQ modes, and QAT schemes ending in -int8;
+    # and "int4-weights", LiteRT's own quantizer (labkit.litert_quant).
     for mode in pipeline.QUANTIZATION:
-        assert mode in quantization.MODES or mode.removesuffix("-int8") in quantization.QAT_SCHEMES, mode
+        assert mode in quantization.MODES or mode.removesuffix("-int8") in quantization.QAT_SCHEMES \
+            or mode == "int4-weights", mode
 
 
 # ----------------------------------------------------------------------------- the tiny pipeline end to end
@@ -108,6 +110,22 @@ def test_stages_are_cached_by_their_settings(tiny_run, tiny_model, tiny_splits):
     assert ptq.seconds["cluster"] == 0.0 and ptq.seconds["quantize"] > 0.0
     assert ptq.tflite["quantize"] != run.tflite["quantize"]
     assert [stage for stage, _ in seen] == list(pipeline.STAGES)
+
+
+def test_int4_weights_mode_calls_litert_quant_on_the_clustered_file(tiny_run, tiny_model, tiny_splits):
+    from labkit import litert_quant
+    directory, run = tiny_run
+    int4 = pipeline.run_pipeline(replace(TINY, quantization="int4-weights"), tiny_splits, directory=directory,
+                                 baseline=tiny_model, progress=False)
+    assert int4.seconds["cluster"] == 0.0 and int4.tflite["cluster"] == run.tflite["cluster"]   # stages reused
+    table = litert_quant.weight_table(int4.tflite["quantize"])
+    chosen = {row["layer"]: row["int4"] for row in int4.records["quantize"]["int4_layers"]}
+    assert chosen and set(chosen) <= set(table.index)
+    for layer, in_int4 in chosen.items():   # int4 where validation accuracy tolerated it, int8 elsewhere
+        assert table.loc[layer, "type"] == ("INT4" if in_int4 else "INT8"), (layer, table)
+    assert table.loc["logits", "type"] == "INT8"   # its output is the graph's: no rule can name it alone
+    assert 0.1 < int4.val_accuracy["quantize"] <= 1
+    assert int4.tflite["quantize"].stat().st_size < run.tflite["cluster"].stat().st_size / 2   # the graph weighs too
 
 
 def test_a_different_input_model_gets_its_own_cache_entries(tiny_run, tiny_model, tiny_splits):

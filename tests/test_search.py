@@ -117,7 +117,7 @@ def test_bad_settings_and_spaces(tiny_model, splits):
         with pytest.raises(ValueError, match="n_trials"):
             search.check_budget(bad)
     with pytest.raises(ValueError, match="quantization"):
-        search.Settings(quantization="int4")
+        search.Settings(quantization="int2")
     with pytest.raises(ValueError, match="sparsity"):
         search.Settings(sparsity=1.0)
     with pytest.raises(ValueError, match="clusters"):
@@ -129,7 +129,7 @@ def test_bad_settings_and_spaces(tiny_model, splits):
     with pytest.raises(ValueError, match="drop 2 from clusters"):
         search.SearchSpace(sparsity=(0.0, 0.5), clusters=(0, 2))
     with pytest.raises(ValueError, match="quantization"):
-        search.SearchSpace(quantization=("int8", "int4"))
+        search.SearchSpace(quantization=("int8", "int2"))
     with pytest.raises(ValueError, match="not among the parents"):
         search.build(search.Settings(model="other"), {"tiny": tiny_model}, splits)
     with pytest.raises(ValueError, match="not among the parents"):
@@ -167,3 +167,27 @@ def test_build_prunes_clusters_quantizes_and_caches(tiny_model, tiny_plain_model
     assert other["build_seconds"] > 0 and other["artifact"] != path
     assert other["inputs"] != built["inputs"]
     assert len(list((tmp_path / "pruned").glob("pruned-s50-*.keras"))) == 2
+
+
+def test_int4_mode_stores_int4_weights_where_validation_tolerates_them(tiny_model, splits, tmp_path):
+    from labkit import litert_quant
+    settings = search.Settings(model="tiny", sparsity=0.0, quantization="int4")
+    built = search.build(settings, {"tiny": tiny_model}, splits, directory=tmp_path / "trials")
+    assert built["build_seconds"] > 0 and 0.1 < built["val_accuracy"] <= 1
+    table = litert_quant.weight_table(built["artifact"])
+    assert set(table["type"]) <= {"INT4", "INT8"} and "INT4" in set(table["type"]), table
+    assert (table.loc[table["type"] == "INT4", "max_codes_per_scale"] <= 16).all()
+    assert search.build(settings, {"tiny": tiny_model}, splits, directory=tmp_path / "trials")["build_seconds"] == 0.0
+
+
+def test_smallest_at_chooses_on_validation_and_records(tiny_model, splits, tmp_path, results_path, monkeypatch):
+    from labkit import litert_quant
+    path = models.save_tflite(tiny_model, tmp_path / "tiny.tflite")
+    monkeypatch.setattr(litert_quant, "validation_floor", lambda target: 0.0 if target < 0.991 else 1.01)
+    found = search.smallest_at(splits, candidates={"tiny": path}, directory=tmp_path / "lq")
+    table, chosen = found["table"], found["chosen"]
+    assert list(chosen) == ["99.0%"]                       # nothing reaches a floor above 1
+    assert chosen["99.0%"]["gzip_bytes"] == table["gzip_bytes"].min()   # floor 0: simply the smallest
+    assert 0.1 < chosen["99.0%"]["test_accuracy"] <= 1
+    stored = pd.read_csv(results_path).set_index("variant")
+    assert stored.loc["litert-smallest-at-99.0%", "technique"] == "quantization"

@@ -107,7 +107,9 @@ def batch_inference(model_path, pixels: np.ndarray, *, address: str | None = Non
     if actors < 1 or batch_size < 1:
         raise ValueError(f"actors and batch_size must be >= 1, got {actors} and {batch_size}")
     start = time.perf_counter()
-    init = dict(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address "local" always starts a Ray of our own: a bare ray.init() would join any Ray cluster
+    # already running on this machine (another notebook's), and refuse our num_cpus.
+    init = dict(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address is None:
         init.update(num_cpus=actors, object_store_memory=256 * 1024 ** 2)
     for attempt in (1, 2):  # a busy machine can make Ray's agents miss their start-up deadline once
