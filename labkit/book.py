@@ -76,6 +76,12 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
     if pareto is not None:
         pareto.savefig(out_dir / "pareto.png", dpi=110)
         figures.append("pareto.png")
+    from labkit.serving import study   # notebook 09's load runs, when it has run
+    serving = pd.read_csv(study.SERVING_TABLE) if study.SERVING_TABLE.is_file() else None
+    if serving is not None and len(serving):
+        plots.latency_against_load(serving, study.SLO_P99_MS).savefig(out_dir / "serving.png", dpi=110)
+        figures.append("serving.png")
+        at_slo = study.at_slo(serving)
     status = pd.DataFrame(runs)
     status["seconds"] = status["seconds"].round(1)
     lines = ["# Lab book report", "",
@@ -86,6 +92,9 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
     if targets is not None:
         lines += ["## The combined pipeline (notebook 07)", "", markdown_table(targets.round(4)), "",
                   markdown_table(stages.reset_index().round(4)), ""]
+    if serving is not None and len(serving):
+        lines += [f"## Serving under load (notebook 09): the highest load with p99 under {study.SLO_P99_MS:g} ms",
+                  "", markdown_table(at_slo.round(2)), ""]
     lines += [f"![{name}]({name})" for name in figures]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -96,6 +105,8 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
     if targets is not None:
         page += ["<h2>The combined pipeline (notebook 07)</h2>", targets.round(4).to_html(index=False),
                  stages.round(4).to_html()]
+    if serving is not None and len(serving):
+        page += ["<h2>Serving under load (notebook 09)</h2>", at_slo.round(2).to_html(index=False)]
     page += [f"<img src='{name}' alt='{name}'>" for name in figures]
     (out_dir / "report.html").write_text("\n".join(page + ["</body></html>"]))
     return report

@@ -103,3 +103,27 @@ def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accura
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def latency_against_load(runs: pd.DataFrame, slo_p99_ms: float | None = None):
+    """Load runs of a served model (notebook 09): p99 and answered throughput against offered load.
+
+    One line per setting; the knee of a p99 curve is where the queue starts to build.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for setting, group in runs.groupby("setting", sort=False):
+        group = group.sort_values("offered_rps")
+        line, = left.plot(group["offered_rps"], group["p99_ms"], "o-", label=setting)
+        left.plot(group["offered_rps"], group["p50_ms"], "--", lw=0.8, color=line.get_color())
+        right.plot(group["offered_rps"], group["throughput_rps"], "o-", label=setting, color=line.get_color())
+    if slo_p99_ms is not None:
+        left.axhline(slo_p99_ms, color="grey", ls=":", label=f"SLO: p99 < {slo_p99_ms:g} ms")
+    if len(runs):
+        top = float(runs["offered_rps"].max())
+        right.plot([0, top], [0, top], color="grey", ls=":", label="answered = offered")
+    left.set(xlabel="offered load (requests/s)", ylabel="latency (ms, log): p99 solid, p50 dashed",
+             yscale="log", title="Latency against load")
+    right.set(xlabel="offered load (requests/s)", ylabel="answered (requests/s)", title="Throughput")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -22,7 +22,7 @@ RESULTS_PATH = RESULTS_DIR / "measurements.csv"
 COLUMNS = ["variant", "technique", "notebook", "accuracy", "latency_p50_us", "latency_p95_us",
            "throughput_ips", "size_bytes", "gzip_bytes", "artifact", "machine", "measured_at"]
 TECHNIQUES = ("baseline", "pruning", "clustering", "quantization", "graph", "runtime",
-              "distributed", "pipeline", "distillation", "lowrank", "search")
+              "distributed", "pipeline", "distillation", "lowrank", "search", "serving")
 
 
 def store_path(path=None) -> Path:

@@ -39,12 +39,19 @@ def test_book_runs_notebooks_in_order_and_reports_failures(tmp_path, monkeypatch
     monkeypatch.setattr(book, "NOTEBOOKS_DIR", tmp_path)
     monkeypatch.setattr(book, "notebooks", lambda directory=tmp_path: sorted(tmp_path.glob("[0-9][0-9]_*.ipynb")))
     results.upsert([results.make_row("only-in-the-temp-store", "baseline", "test", accuracy=0.5)])
+    from labkit.serving import study
+    serving = tmp_path / "serving.csv"   # two load runs of one setting, as notebook 09 writes them
+    pd.DataFrame({"setting": ["int8-batch-off-1rep"] * 2, "offered_rps": [25, 75], "sent": [50, 150],
+                  "ok": [50, 150], "p50_ms": [8.0, 12.0], "p95_ms": [15.0, 40.0], "p99_ms": [20.0, 150.0],
+                  "throughput_rps": [25.0, 70.0]}).to_csv(serving, index=False)
+    monkeypatch.setattr(study, "SERVING_TABLE", serving)
     out = tmp_path / "out"
     assert book.main(["--out", str(out)]) == 1
     assert (out / "00_ok.ipynb").is_file() and (out / "01_bad.ipynb").is_file()
     report = (out / "report.md").read_text()
     assert "00_ok.ipynb | True" in report and "01_bad.ipynb | False" in report
     assert "only-in-the-temp-store" in report  # the report read the throw-away store, not the real one
+    assert "Serving under load" in report and (out / "serving.png").is_file()
     assert book.main(["--out", str(out), "00_ok"]) == 0
 
 
@@ -147,7 +154,8 @@ def labkit_modules() -> list[str]:
 # and the command-line tools.
 WITHOUT_TENSORFLOW = ("labkit", "labkit.data", "labkit.results", "labkit.tflite", "labkit.measure", "labkit.book",
                       "labkit.lab", "labkit.distributed", "labkit.distributed.cluster", "labkit.distributed.worker",
-                      "labkit.distributed.dtensor", "labkit.distributed.ray_serving")
+                      "labkit.distributed.dtensor", "labkit.distributed.ray_serving", "labkit.serving",
+                      "labkit.serving.app", "labkit.serving.load")
 
 _IMPORT_PROBE = r"""
 import importlib, json, sys

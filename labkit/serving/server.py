@@ -1,0 +1,261 @@
+"""Starting, redeploying and stopping Ray Serve on 127.0.0.1, and a two-node cluster on one machine (notebook 09).
+
+`Server` is the one place that starts Ray and Serve for the book's serving: a local Ray whose
+processes bind 127.0.0.1 only (or a running cluster given its address), Serve's HTTP proxy on
+127.0.0.1:port, the app from labkit.serving.app, and a stop that leaves no process behind.
+Every process Ray starts inherits an environment tag (LABKIT_RAY_JOB), so after a stop the
+processes still carrying it can be found and ended by id: labkit.distributed.ray_serving's
+`job_processes` and `_stop_job` do that for notebook 06, and are reused here.
+
+`two_node_cluster` starts a head and a worker node on this machine with Ray's own
+`ray.cluster_utils.Cluster`, as Ray's tests do: the same Server, given the cluster's address,
+places one replica on each node.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import replace
+
+import requests
+
+from labkit.distributed.ray_serving import RayUnavailable, job_processes
+from labkit.serving.app import Settings, application   # labkit.serving set the 127.0.0.1 switch before Ray loads
+
+HOST = "127.0.0.1"
+APP_NAME = "mnist"
+START_TIMEOUT_S = 120.0
+PREFER_LOCAL = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"   # a busy 2-core machine can take a minute to start Ray and a TensorFlow replica
+
+
+@contextlib.contextmanager
+def loopback_only(address: str | None = None):
+    """While inside, a Ray started or joined from this process uses 127.0.0.1 (unless `address` is another machine's).
+
+    labkit.serving sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported, which Ray reads
+    once, at import. If something imported Ray earlier (another notebook's cell, another test), Ray
+    would advertise the machine's network address, and would even turn "127.0.0.1:port" into it when
+    joining a cluster; so the flag Ray read is set here too, and put back afterwards.
+    """
+    from ray._private import ray_constants
+    remote = address is not None and address.split(":")[0] not in ("127.0.0.1", "localhost")
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    if not remote:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _quiet_serve_logs() -> None:
+    """Keep Serve's INFO lines (deployments starting, replicas stopping) out of notebook outputs."""
+    for name in ("ray", "ray.serve", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Server:
+    """Ray Serve with the book's app on 127.0.0.1: `with Server(model_path) as server: server.url ...`.
+
+    address None starts a local Ray (num_cpus logical CPUs) owned by this object; an address joins
+    a running cluster, which stop() leaves running. deploy() replaces the app with new settings.
+    """
+
+    def __init__(self, model_path, *, port: int | None = None, address: str | None = None,
+                 num_cpus: int = 2, cluster_tag: str | None = None, **deploy_options):
+        self.settings = Settings(model_path=str(model_path))
+        self.port = port or free_port()
+        self.address, self.num_cpus = address, num_cpus
+        self.url = f"http://{HOST}:{self.port}"
+        self.tag = f"serve-{os.getpid()}-{time.time_ns()}"
+        self.cluster_tag = cluster_tag   # a cluster started on this machine: its processes' tag
+        self.deploy_options = deploy_options
+        self.started = False
+
+    # -- start and stop
+    def start(self) -> "Server":
+        import ray
+        from ray import serve
+        _quiet_serve_logs()
+        # address "local" always starts a Ray of our own: a bare ray.init() would join any Ray
+        # cluster already running on this machine (another notebook's) and refuse our num_cpus.
+        init = dict(address=self.address or "local", include_dashboard=False, log_to_driver=False,
+                    configure_logging=False)
+        if self.address is None:
+            init.update(num_cpus=self.num_cpus, object_store_memory=256 * 1024 ** 2)
+        # Every process Ray starts from here on inherits the tag, which is how stop() finds them.
+        with environment(LABKIT_RAY_JOB=self.tag), loopback_only(self.address):
+            for attempt in (1, 2):   # a busy machine can make Ray's agents miss a start-up deadline once
+                try:
+                    ray.init(**init)
+                    break
+                except Exception as error:   # Ray raises a bare Exception when its node does not come up
+                    ray.shutdown()
+                    if attempt == 2 or self.address is not None:
+                        raise RayUnavailable(f"Ray did not start ({type(error).__name__}: {error})") from None
+        self.started = True
+        try:
+            serve.start(http_options={"host": HOST, "port": self.port}, proxy_location="HeadOnly")
+            self.deploy(**self.deploy_options)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def deploy(self, *, model_path=None, batching: bool | None = None, max_batch_size: int | None = None,
+               batch_wait_timeout_s: float | None = None, replicas: int = 1, max_ongoing_requests: int = 32,
+               max_queued_requests: int = -1, max_replicas_per_node: int | None = None,
+               num_cpus: float = 1.0) -> dict:
+        """(Re)deploy the app: fresh replicas with these settings; returns once they all run and /health answers."""
+        from ray import serve
+        changes = {k: v for k, v in dict(model_path=None if model_path is None else str(model_path),
+                                         batching=batching, max_batch_size=max_batch_size,
+                                         batch_wait_timeout_s=batch_wait_timeout_s).items() if v is not None}
+        self.settings = replace(self.settings, **changes)
+        app = application(self.settings, replicas=replicas, max_ongoing_requests=max_ongoing_requests,
+                          max_queued_requests=max_queued_requests, max_replicas_per_node=max_replicas_per_node,
+                          num_cpus=num_cpus)
+        if APP_NAME in serve.status().applications:
+            serve.delete(APP_NAME)   # old replicas gone before new ones start: no mixed answers
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        self.deployed = dict(self.settings.__dict__, replicas=replicas, max_ongoing_requests=max_ongoing_requests,
+                             max_queued_requests=max_queued_requests)
+        self.wait_healthy(replicas)
+        return self.deployed
+
+    def wait_healthy(self, replicas: int = 1, timeout_s: float = START_TIMEOUT_S) -> dict:
+        """Wait until Serve reports `replicas` running replicas and GET /health answers 200; that answer."""
+        from ray import serve
+        deadline = time.monotonic() + timeout_s
+        with requests.Session() as session:
+            while True:
+                app = serve.status().applications.get(APP_NAME)
+                states = app.deployments["Classifier"].replica_states if app and app.deployments else {}
+                if states.get("RUNNING", 0) == replicas and sum(states.values()) == replicas:
+                    try:
+                        answer = session.get(self.url + "/health", timeout=5)
+                        if answer.status_code == 200:
+                            return answer.json()
+                    except requests.RequestException:
+                        pass
+                if time.monotonic() > deadline:
+                    raise RayUnavailable(f"Serve did not report {replicas} running replicas answering /health "
+                                         f"within {timeout_s:.0f} s (replica states: {states})")
+                time.sleep(0.2)
+
+    def replica_pids(self) -> list:
+        """Process ids of this server's replicas on this machine (Ray titles them ray::ServeReplica:...)."""
+        import psutil
+        pids = []
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                if "ServeReplica" in " ".join(process.cmdline()):
+                    pids.append(process.pid)
+        return sorted(pids)
+
+    def stop(self, grace_s: float = 20.0) -> list:
+        """Shut Serve and Ray down; end, by id, any process of ours still alive after `grace_s`.
+
+        Returns the processes that had to be killed (empty when everything exited on its own).
+        """
+        import psutil
+        import ray
+        from ray import serve
+        if not self.started:
+            return []
+        self.started = False
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+        left = job_processes(self.tag) if self.address is None else []
+        _, alive = psutil.wait_procs(left, timeout=grace_s)
+        killed = []
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                killed.append(f"{process.pid} {process.name()}")
+                process.kill()
+        psutil.wait_procs(alive, timeout=5)
+        return killed
+
+    def processes(self) -> list:
+        """This server's Ray processes alive now (raylet, GCS, Serve's controller and proxy, replicas)."""
+        return job_processes(self.cluster_tag or self.tag)
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- failures
+    def kill_replica(self, pid: int) -> None:
+        """Kill one replica's process with SIGKILL, as a crash would (pid from a /predict or /health answer).
+
+        Only a process of this server is killed: the pid must carry this server's tag.
+        """
+        if pid not in {p.pid for p in self.processes()}:
+            raise ValueError(f"process {pid} is not one of this server's Ray processes")
+        os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def two_node_cluster(cpus_per_node: int = 1):
+    """A head and one worker node on this machine (ray.cluster_utils.Cluster, as Ray's tests use it).
+
+    Yields the cluster; `cluster.address` is what Server(address=...) and notebook 06's Ray Data
+    job take. Every process of both nodes is stopped on exit, stragglers killed by id.
+    """
+    import psutil
+    from ray.cluster_utils import Cluster
+    tag = f"cluster-{os.getpid()}-{time.time_ns()}"
+    # Serve's proxy sends requests to replicas on its own node first and spills over only when
+    # they are full. On one machine "its own node" means nothing, so the demo spreads them.
+    with loopback_only(), environment(LABKIT_RAY_JOB=tag, **{PREFER_LOCAL: "0"}):
+        cluster = None
+        try:
+            node = dict(num_cpus=cpus_per_node, node_ip_address=HOST, include_dashboard=False)
+            cluster = Cluster(initialize_head=True, head_node_args=node)
+            cluster.add_node(num_cpus=cpus_per_node, node_ip_address=HOST)
+            cluster.wait_for_nodes()
+        except Exception as error:
+            if cluster is not None:
+                cluster.shutdown()
+            raise RayUnavailable(f"the two-node Ray cluster did not start ({type(error).__name__}: {error})") from None
+    cluster.tag = tag
+    try:
+        with loopback_only():   # joining "127.0.0.1:port" must not become the machine's address
+            yield cluster
+    finally:
+        cluster.shutdown()
+        _, alive = psutil.wait_procs(job_processes(tag), timeout=20)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+
+@contextlib.contextmanager
+def environment(**variables):
+    """Set environment variables for the block (the processes started inside inherit them), then restore them."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
