@@ -109,7 +109,6 @@ def import_tensorflow_quietly(start_runtime: bool = True):
     Modules import it with start_runtime=False: importing a labkit module never starts
     TensorFlow's runtime (the distributed workers configure it first); setup() starts it.
     """
-    import sys
     with quiet_stderr():
         import tensorflow as tf
         if start_runtime:

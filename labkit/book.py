@@ -81,7 +81,7 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
     if serving is not None and len(serving):
         plots.latency_against_load(serving, study.SLO_P99_MS).savefig(out_dir / "serving.png", dpi=110)
         figures.append("serving.png")
-        at_slo = study.at_slo(serving)
+        at_slo = study.at_slo(serving).reset_index()   # the setting is the first column
     status = pd.DataFrame(runs)
     status["seconds"] = status["seconds"].round(1)
     lines = ["# Lab book report", "",

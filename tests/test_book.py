@@ -51,7 +51,7 @@ def test_book_runs_notebooks_in_order_and_reports_failures(tmp_path, monkeypatch
     report = (out / "report.md").read_text()
     assert "00_ok.ipynb | True" in report and "01_bad.ipynb | False" in report
     assert "only-in-the-temp-store" in report  # the report read the throw-away store, not the real one
-    assert "Serving under load" in report and (out / "serving.png").is_file()
+    assert "Serving under load" in report and "int8-batch-off-1rep" in report and (out / "serving.png").is_file()
     assert book.main(["--out", str(out), "00_ok"]) == 0
 
 

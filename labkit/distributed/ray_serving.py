@@ -92,6 +92,27 @@ def single_process(model_path, pixels: np.ndarray, batch_size: int = 1000, threa
 
 # ----------------------------------------------------------------------------- the Ray job
 
+def start_ray(address: str | None = None, num_cpus: int = 2) -> None:
+    """ray.init on a cluster given its address, or a Ray of our own on this machine (notebooks 06 and 09).
+
+    Address "local" always starts a new Ray: a bare ray.init() would join any Ray already running
+    on this machine (another notebook's) and refuse our num_cpus. A busy machine can make Ray's
+    agents miss their start-up deadline once, so a local start is tried twice.
+    """
+    import ray
+    init = dict(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address is None:
+        init.update(num_cpus=num_cpus, object_store_memory=256 * 1024 ** 2)
+    for attempt in (1, 2):
+        try:
+            ray.init(**init)
+            return
+        except Exception as error:  # Ray raises a bare Exception when its node does not come up
+            ray.shutdown()
+            if attempt == 2 or address is not None:
+                raise RayUnavailable(f"Ray did not start ({type(error).__name__}: {error})") from None
+
+
 def batch_inference(model_path, pixels: np.ndarray, *, address: str | None = None, actors: int = 2,
                     batch_size: int = 1000, threads: int = 1) -> dict:
     """Predict `pixels` with Ray Data and an actor pool; the same code for a local Ray and a cluster.
@@ -107,19 +128,7 @@ def batch_inference(model_path, pixels: np.ndarray, *, address: str | None = Non
     if actors < 1 or batch_size < 1:
         raise ValueError(f"actors and batch_size must be >= 1, got {actors} and {batch_size}")
     start = time.perf_counter()
-    # address "local" always starts a Ray of our own: a bare ray.init() would join any Ray cluster
-    # already running on this machine (another notebook's), and refuse our num_cpus.
-    init = dict(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-    if address is None:
-        init.update(num_cpus=actors, object_store_memory=256 * 1024 ** 2)
-    for attempt in (1, 2):  # a busy machine can make Ray's agents miss their start-up deadline once
-        try:
-            ray.init(**init)
-            break
-        except Exception as error:  # Ray raises a bare Exception when its node does not come up
-            ray.shutdown()
-            if attempt == 2 or address is not None:
-                raise RayUnavailable(f"Ray did not start ({type(error).__name__}: {error})") from None
+    start_ray(address, num_cpus=actors)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         made = time.perf_counter()

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import requests
 
-from labkit.distributed.ray_serving import RayUnavailable, job_processes
+from labkit.distributed.ray_serving import RayUnavailable, job_processes, start_ray
 from labkit.serving.app import Settings, application   # labkit.serving set the 127.0.0.1 switch before Ray loads
 
 HOST = "127.0.0.1"
@@ -85,25 +85,11 @@ class Server:
 
     # -- start and stop
     def start(self) -> "Server":
-        import ray
         from ray import serve
         _quiet_serve_logs()
-        # address "local" always starts a Ray of our own: a bare ray.init() would join any Ray
-        # cluster already running on this machine (another notebook's) and refuse our num_cpus.
-        init = dict(address=self.address or "local", include_dashboard=False, log_to_driver=False,
-                    configure_logging=False)
-        if self.address is None:
-            init.update(num_cpus=self.num_cpus, object_store_memory=256 * 1024 ** 2)
         # Every process Ray starts from here on inherits the tag, which is how stop() finds them.
         with environment(LABKIT_RAY_JOB=self.tag), loopback_only(self.address):
-            for attempt in (1, 2):   # a busy machine can make Ray's agents miss a start-up deadline once
-                try:
-                    ray.init(**init)
-                    break
-                except Exception as error:   # Ray raises a bare Exception when its node does not come up
-                    ray.shutdown()
-                    if attempt == 2 or self.address is not None:
-                        raise RayUnavailable(f"Ray did not start ({type(error).__name__}: {error})") from None
+            start_ray(self.address, num_cpus=self.num_cpus)
         self.started = True
         try:
             serve.start(http_options={"host": HOST, "port": self.port}, proxy_location="HeadOnly")
