@@ -19,8 +19,8 @@ import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
-with labkit.quiet_stderr():  # TensorFlow's C++ start-up lines, when this module is run as a script
-    import tensorflow_model_optimization as tfmot
+labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines, when run as a script
+import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras as keras
 
 from labkit import ARTIFACTS_DIR, measure, models, tflite

@@ -17,8 +17,7 @@ import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
-with labkit.quiet_stderr():  # TensorFlow's C++ start-up lines, when this module is run as a script
-    import tensorflow as tf
+tf = labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines, when run as a script
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 # The wrapper class is not exported by tfmot's public API; its own callbacks import it from here.

@@ -21,8 +21,7 @@ import labkit
 import numpy as np
 import pandas as pd
 
-with labkit.quiet_stderr():  # `python -m labkit.graph` imports TensorFlow here, before labkit.setup
-    import tensorflow as tf
+tf = labkit.import_tensorflow_quietly(start_runtime=False)  # `python -m labkit.runtimes` imports it before setup
 import tf_keras as keras
 
 from labkit import measure
