@@ -143,3 +143,6 @@ def setup(seed: int = 0, quiet: bool = True) -> dict:
     tf.config.experimental.enable_op_determinism()
     from labkit.measure import machine_info
     return machine_info()
+
+
+from labkit.claims import ClaimError, claim, knobs  # noqa: E402  (every notebook states its claims with these)

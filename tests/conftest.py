@@ -1,5 +1,11 @@
 """Shared fixtures: tiny models, the data, and throw-away stores, so tests take seconds."""
-import labkit  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
+import os
+
+# Claims are strict in the test suite: a notebook (nbval kernels inherit this) or test whose claim
+# misses fails the run; a learner's session shows a note instead (labkit/claims.py).
+os.environ["LABKIT_STRICT"] = "1"
+
+import labkit  # noqa: E402,F401  (legacy-Keras switch before TensorFlow loads)
 import numpy as np
 import pytest
 
