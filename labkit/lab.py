@@ -11,12 +11,18 @@ setup() first in its own kernel. Importing labkit here still sets the environmen
 import os
 import sys
 
+from pathlib import Path
+
 from labkit import NOTEBOOKS_DIR
+
+# overrides.json there answers "Would you like to get notified about official Jupyter news?" with
+# "no" for every learner (and turns off the update check): a classroom is often offline.
+SETTINGS_DIR = Path(__file__).resolve().parent / "jupyterlab"
 
 
 def command(extra=()) -> list:
     cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={NOTEBOOKS_DIR}",
-           "--ServerApp.ip=127.0.0.1"]
+           "--ServerApp.ip=127.0.0.1", f"--LabApp.app_settings_dir={SETTINGS_DIR}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")  # containers and CI machines run as root
     return cmd + list(extra)

@@ -107,6 +107,9 @@ def test_lab_command_serves_notebooks_on_localhost():
     cmd = lab.command(["--no-browser"])
     assert f"--ServerApp.root_dir={NOTEBOOKS_DIR}" in cmd and "--ServerApp.ip=127.0.0.1" in cmd
     assert cmd[-1] == "--no-browser" and not any("token=''" in c or "token=" in c for c in cmd)
+    overrides = json.loads((lab.SETTINGS_DIR / "overrides.json").read_text())
+    assert f"--LabApp.app_settings_dir={lab.SETTINGS_DIR}" in cmd
+    assert overrides["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
 
 
 def test_a_long_training_bar_sends_few_kernel_messages():
