@@ -27,35 +27,45 @@ def latency_distribution(latency, title: str = "Batch-1 latency, interleaved run
     return fig
 
 
-def tradeoff(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy",
-             size: str = "gzip_bytes", title: str = "Every measured variant"):
-    """Scatter of the results store: one colour per technique, marker area by `size`."""
-    table = table.dropna(subset=[x, y])
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if not table.empty:
-        area = 20 + 300 * table[size].fillna(0) / max(table[size].max(), 1)
-        for technique, group in table.groupby("technique"):
-            ax.scatter(group[x], group[y], s=area[group.index], alpha=0.6, label=technique)
-            for _, row in group.iterrows():
-                ax.annotate(row["variant"], (row[x], row[y]), fontsize=7, alpha=0.8)
-        ax.legend(title="technique")
-    ax.set_xscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(f"{title} (marker area: {size})")
-    fig.tight_layout()
-    return fig
+# One colour per technique, the same in every plot of the book, the explorer and the report.
+TECHNIQUE_COLOURS = {"baseline": "#000000", "pruning": "#1f77b4", "clustering": "#2ca02c",
+                     "quantization": "#d62728", "graph": "#9467bd", "runtime": "#8c564b",
+                     "distributed": "#e377c2", "pipeline": "#ff7f0e", "distillation": "#17becf",
+                     "lowrank": "#bcbd22", "search": "#7f7f7f", "serving": "#aec7e8"}
+
+# Axis labels with units; sizes are stored in bytes and plotted in KiB.
+AXES = {"latency_p50_us": ("p50 latency at batch 1 (µs, log scale)", 1.0),
+        "latency_p95_us": ("p95 latency at batch 1 (µs, log scale)", 1.0),
+        "accuracy": ("accuracy (fraction of images right)", 1.0),
+        "gzip_bytes": ("gzipped size (KiB, log scale)", 1 / 1024),
+        "size_bytes": ("size on disk (KiB, log scale)", 1 / 1024),
+        "throughput_ips": ("throughput (images/s, log scale)", 1.0)}
+
+
+def technique_colour(technique: str) -> str:
+    return TECHNIQUE_COLOURS.get(technique, "#333333")
+
+
+def axis(column: str) -> tuple[str, float]:
+    """(label with unit, factor from stored value to plotted value) for a results column."""
+    return AXES.get(column, (column, 1.0))
+
+
+def tradeoff(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy", size: str = "gzip_bytes"):
+    """The book report's overview: every variant, coloured by technique; only the Pareto frontier
+    (numbered, listed beside the plot) and the baseline are labelled; the report's table lists the rest."""
+    return pareto_plot(table, x, y, size, title="Every measured variant: up and left is better")
 
 
 def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy", size: str = "gzip_bytes",
-                techniques=None, highlight: str | None = None, ylim=None, ax=None):
+                techniques=None, highlight: str | None = None, ylim=None, ax=None, title: str | None = None):
     """Every variant of the store, one colour per technique, the Pareto frontier ringed and numbered.
 
     The frontier is computed over all three objectives (accuracy, latency, gzip size) and over
     the whole table, so a ringed point can look beaten in this two-axis view: it wins on the
     third axis. `ylim` zooms in; the title says how many variants the zoom leaves out.
     """
-    from labkit.results import TECHNIQUES, pareto_front
+    from labkit.results import pareto_front
     table = table.copy()
     table["pareto"] = pareto_front(table)
     if techniques is not None:
@@ -65,25 +75,29 @@ def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accura
         fig, ax = plt.subplots(figsize=(11, 5.5))
     else:
         fig = ax.figure
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    (x_label, x_factor), (y_label, y_factor) = axis(x), axis(y)
     lines = []
     if not table.empty:
+        px, py = table[x].astype(float) * x_factor, table[y].astype(float) * y_factor
         sizes = table[size].astype(float) if size in table else pd.Series(0.0, index=table.index)
         scale = max(float(sizes.max()), 1.0) if sizes.notna().any() else 1.0
         for technique, group in table.groupby("technique"):
-            colour = colours[TECHNIQUES.index(technique) % len(colours)] if technique in TECHNIQUES else None
-            ax.scatter(group[x], group[y], s=25 + 400 * sizes[group.index].fillna(0) / scale, alpha=0.6,
-                       label=technique, color=colour)
+            ax.scatter(px[group.index], py[group.index], s=25 + 400 * sizes[group.index].fillna(0) / scale,
+                       alpha=0.6, label=technique, color=technique_colour(technique))
         front = table[table["pareto"]].sort_values(x)
-        ax.scatter(front[x], front[y], s=160, facecolors="none", edgecolors="black", linewidths=1.5,
-                   label="Pareto frontier")
-        for number, (_, row) in enumerate(front.iterrows(), start=1):
-            ax.annotate(str(number), (row[x], row[y]), fontsize=8, weight="bold", xytext=(5, 4),
+        ax.scatter(px[front.index], py[front.index], s=160, facecolors="none", edgecolors="black",
+                   linewidths=1.5, label="Pareto frontier")
+        for number, (index, row) in enumerate(front.iterrows(), start=1):
+            ax.annotate(str(number), (px[index], py[index]), fontsize=8, weight="bold", xytext=(5, 4),
                         textcoords="offset points")
             lines.append(f"{number:>2}  {row['variant']}")
+        from labkit.bench import BASELINE_VARIANT   # the baseline every speed-up is measured against
+        for index in table.index[table["variant"] == BASELINE_VARIANT]:
+            ax.annotate("baseline (LiteRT float32)", (px[index], py[index]), fontsize=8, xytext=(6, -12),
+                        textcoords="offset points")
         if highlight is not None and highlight in set(table["variant"]):
-            row = table[table["variant"] == highlight].iloc[0]
-            ax.scatter([row[x]], [row[y]], s=300, marker="*", color="red", label=f"selected: {highlight}")
+            index = table.index[table["variant"] == highlight][0]
+            ax.scatter([px[index]], [py[index]], s=300, marker="*", color="red", label=f"selected: {highlight}")
         ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0)
     ax.text(1.01, 1.0, "Pareto frontier\n" + "\n".join(lines), transform=ax.transAxes, va="top",
             fontsize=7, family="monospace")
@@ -92,15 +106,16 @@ def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accura
         ax.set_xscale("log")
     if y in spans_decades:
         ax.set_yscale("log")
-    title = f"Every variant in the results store (marker area: {size})"
+    title = title or "Every variant in the results store: up and to the left is better"
+    title += f" (marker area: {axis(size)[0].split(' (')[0]})"
     if ylim is not None:
         ax.set_ylim(*ylim)
         low, high = ax.get_ylim()
-        hidden = int(((table[y] < low) | (table[y] > high)).sum())
+        hidden = int(((table[y] * y_factor < low) | (table[y] * y_factor > high)).sum())
         title += f"; {hidden} outside this view" if hidden else ""
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(title)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -38,7 +38,7 @@ def test_explorer_axes_filter_and_details(store):
     explorer.x.value = "gzip_bytes"
     explorer.y.value = "latency_p50_us"
     ax = explorer.figure.axes[0]
-    assert (ax.get_xlabel(), ax.get_ylabel()) == ("gzip_bytes", "latency_p50_us")
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("gzipped size (KiB, log scale)", "p50 latency at batch 1 (µs, log scale)")
 
     explorer.techniques.value = ("quantization",)
     assert set(explorer.visible()["variant"]) == {"quantization-int8", "quantization-dynamic"}
