@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,42 @@ BUILD_DIR = ROOT / "build" / "book"
 def notebooks(directory: Path = NOTEBOOKS_DIR) -> list[Path]:
     """The book's notebooks in reading order (their names start with the chapter number)."""
     return sorted(p for p in Path(directory).glob("[0-9][0-9]*_*.ipynb"))   # 04b sorts after 04
+
+
+def section_times(nb) -> list[dict]:
+    """Seconds of cell execution per section (a markdown cell's `## ` heading starts one), read from
+    the timing nbclient records in each executed cell's metadata. WORKSHOP.md's timings come from here."""
+    from datetime import datetime
+    rows, section = [], "opening"
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            heading = next((line[3:].strip() for line in cell.source.splitlines() if line.startswith("## ")), None)
+            section = heading or section
+            continue
+        timing = cell.get("metadata", {}).get("execution", {})
+        start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+        if not (start and end):
+            continue
+        seconds = (datetime.fromisoformat(end.replace("Z", "+00:00"))
+                   - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()
+        if rows and rows[-1]["section"] == section:
+            rows[-1]["seconds"] += seconds
+        else:
+            rows.append({"section": section, "seconds": seconds})
+    return rows
+
+
+CLAIM_NOTE = "Claim not met:"
+
+
+def claim_notes(nb) -> list[str]:
+    """The notes of claims that did not hold in an executed notebook (labkit.claim, learner mode)."""
+    notes = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            text = output.get("text", "") or output.get("data", {}).get("text/plain", "")
+            notes += [line.strip() for line in text.splitlines() if CLAIM_NOTE in line]
+    return notes
 
 
 def run_notebook(path: Path, out_dir: Path, timeout_s: int = 1800) -> dict:
@@ -44,7 +81,9 @@ def run_notebook(path: Path, out_dir: Path, timeout_s: int = 1800) -> dict:
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out_dir / path.name)
-    return {"notebook": path.name, "ok": error is None, "seconds": seconds, "error": error}
+    return {"notebook": path.name, "ok": error is None, "seconds": seconds, "error": error,
+            "claims_not_met": len(claim_notes(nb)),
+            "sections": [{"notebook": path.name, **row} for row in section_times(nb)]}
 
 
 def markdown_table(frame) -> str:
@@ -82,12 +121,18 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
         plots.latency_against_load(serving, study.SLO_P99_MS).savefig(out_dir / "serving.png", dpi=110)
         figures.append("serving.png")
         at_slo = study.at_slo(serving).reset_index()   # the setting is the first column
-    status = pd.DataFrame(runs)
+    status = pd.DataFrame(runs).drop(columns=["sections"], errors="ignore")
     status["seconds"] = status["seconds"].round(1)
+    sections = pd.DataFrame([row for run in runs for row in run.get("sections", [])],
+                            columns=["notebook", "section", "seconds"])
+    sections["seconds"] = sections["seconds"].round(1)
+    sections.to_csv(out_dir / "section_times.csv", index=False)
     lines = ["# Lab book report", "",
              f"Machine: {measure.machine_string()}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
              "## Notebooks", "", markdown_table(status), "",
+             "## Time per section (cell execution, seconds; section_times.csv)", "",
+             markdown_table(sections), "",
              "## Measurements (results/measurements.csv)", "", markdown_table(shown), ""]
     if targets is not None:
         lines += ["## The combined pipeline (notebook 07)", "", markdown_table(targets.round(4)), "",
@@ -101,6 +146,7 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
     page = ["<html><head><meta charset='utf-8'><title>Lab book report</title></head><body>",
             "<h1>Lab book report</h1>", f"<p>Machine: {html.escape(measure.machine_string())}</p>",
             "<h2>Notebooks</h2>", status.to_html(index=False),
+            "<h2>Time per section</h2>", sections.to_html(index=False),
             "<h2>Measurements</h2>", shown.to_html(index=False)]
     if targets is not None:
         page += ["<h2>The combined pipeline (notebook 07)</h2>", targets.round(4).to_html(index=False),
@@ -116,7 +162,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="run only notebooks whose names contain these")
     parser.add_argument("--out", type=Path, default=BUILD_DIR, help="where executed copies and the report go")
+    parser.add_argument("--strict", action="store_true",
+                        help="a claim that does not hold fails its notebook, as in the tests and CI "
+                             "(by default it shows a note, as in a learner's session, and the report counts them)")
     args = parser.parse_args(argv)
+    if args.strict:
+        os.environ["LABKIT_STRICT"] = "1"   # the kernels inherit it
     import labkit
     labkit.setup(seed=0)  # the report below loads the store and plots in this process
     chosen = [p for p in notebooks() if not args.names or any(n in p.name for n in args.names)]

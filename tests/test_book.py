@@ -35,7 +35,9 @@ def test_every_notebook_starts_with_setup():
 
 def test_book_runs_notebooks_in_order_and_reports_failures(tmp_path, monkeypatch, results_path):
     for name, source in (("00_ok.ipynb", "x = 1 + 1\nassert x == 2"), ("01_bad.ipynb", "assert False, 'boom'")):
-        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), tmp_path / name)
+        cells = [nbformat.v4.new_markdown_cell("Intro\n\n## 1 · The first section"), nbformat.v4.new_code_cell(source),
+                 nbformat.v4.new_code_cell("import time; time.sleep(0.3)")]
+        nbformat.write(nbformat.v4.new_notebook(cells=cells), tmp_path / name)
     monkeypatch.setattr(book, "NOTEBOOKS_DIR", tmp_path)
     monkeypatch.setattr(book, "notebooks", lambda directory=tmp_path: sorted(tmp_path.glob("[0-9][0-9]_*.ipynb")))
     results.upsert([results.make_row("only-in-the-temp-store", "baseline", "test", accuracy=0.5)])
@@ -51,6 +53,10 @@ def test_book_runs_notebooks_in_order_and_reports_failures(tmp_path, monkeypatch
     report = (out / "report.md").read_text()
     assert "00_ok.ipynb | True" in report and "01_bad.ipynb | False" in report
     assert "only-in-the-temp-store" in report  # the report read the throw-away store, not the real one
+    times = pd.read_csv(out / "section_times.csv")   # per-section timings, for WORKSHOP.md
+    first = times[(times["notebook"] == "00_ok.ipynb") & (times["section"] == "1 · The first section")]
+    assert len(first) == 1 and 0.3 <= first["seconds"].iloc[0] < 30, times
+    assert "Time per section" in report
     assert "Serving under load" in report and "int8-batch-off-1rep" in report and (out / "serving.png").is_file()
     assert book.main(["--out", str(out), "00_ok"]) == 0
 
@@ -251,3 +257,15 @@ def test_every_entry_point_calls_setup():
     assert {"labkit.bench", "labkit.book", "labkit.distributed", "labkit.distributed.worker"} <= set(entry_points)
     assert set(SETUP_EXEMPT) <= set(entry_points), "an exemption names a module that is no entry point"
     assert not missing, f"`python -m` entry points that never call labkit.setup(): {missing}"
+
+
+def test_book_counts_the_claims_a_learner_would_see_as_notes(tmp_path, monkeypatch):
+    """Without --strict a missed claim is a note and the notebook runs on; the report counts the notes."""
+    source = "import labkit\nlabkit.claim(1 > 2, 'one is more than two', '1')\nprint('after')"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), tmp_path / "00_note.ipynb")
+    monkeypatch.setenv("LABKIT_STRICT", "0")
+    run = book.run_notebook(tmp_path / "00_note.ipynb", tmp_path / "out")
+    assert run["ok"] and run["claims_not_met"] == 1, run
+    monkeypatch.setenv("LABKIT_STRICT", "1")
+    strict = book.run_notebook(tmp_path / "00_note.ipynb", tmp_path / "out")
+    assert not strict["ok"] and "one is more than two" in strict["error"], strict
