@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,20 +72,10 @@ def validate(row: dict) -> dict:
     return row
 
 
-@contextmanager
 def _locked(path: Path):
-    """Serialise read-modify-write across processes where the OS allows it (POSIX)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: notebooks run one at a time anyway
-        yield
-        return
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Serialise read-modify-write across processes, on every OS (filelock: POSIX and Windows)."""
+    from filelock import FileLock
+    return FileLock(str(path.with_suffix(".lock")), timeout=120)
 
 
 def _atomic_write(table: pd.DataFrame, path: Path) -> None:
