@@ -21,6 +21,7 @@ NOTEBOOKS_DIR = ROOT / "notebooks"
 
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 
 
 @contextmanager
