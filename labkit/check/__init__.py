@@ -37,7 +37,7 @@ class NotAttempted(Exception):
 class Exercise:
     name: str
     notebook: str        # "02"
-    reference: str       # the labkit function that settles it, e.g. "pruning.magnitude_mask"
+    reference: str       # what settles it, e.g. "pruning.magnitude_mask" (labkit's) or a library's
     signature: str       # what the learner writes, e.g. "magnitude_mask(weights, sparsity) -> mask"
 
 
@@ -61,7 +61,7 @@ def exercise(name: str, notebook: str, reference: str, signature: str):
         checker.__name__ = name
         checker.__qualname__ = name
         checker.__doc__ = (f"Check your `{signature}` (notebook {notebook}); "
-                           f"the reference is labkit's `{reference}`.\n\n{cases.__doc__ or ''}")
+                           f"the reference is `{reference}`.\n\n{cases.__doc__ or ''}")
         return checker
     return register
 
@@ -75,7 +75,7 @@ def _judge(entry: Exercise, fn, cases) -> None:
     except NotAttempted:
         STATUS[entry.name] = "not attempted"
         print(f"○ {entry.name}: not attempted yet (the body still raises NotImplementedError or returns ...). "
-              f"The notebook goes on with labkit's `{entry.reference}`; "
+              f"The notebook goes on with `{entry.reference}`; "
               f"check.solution({entry.name!r}) shows one solution.")
         return None
     STATUS[entry.name] = "correct"
@@ -128,26 +128,29 @@ def solution(name: str) -> None:
         raise ValueError(f"no exercise called {name!r}; the exercises are {sorted(EXERCISES)}")
     entry = EXERCISES[name]
     print(f"# One solution of exercise {name} (notebook {entry.notebook}); "
-          f"labkit's own version is `{entry.reference}`.\n")
+          f"the book's reference is `{entry.reference}`.\n")
     print(inspect.getsource(getattr(solutions, name)))
+
+
+CHAPTERS = ("baseline", "pruning", "clustering", "quantization", "graph", "pipeline", "search")
+SUBMODULES = (*CHAPTERS, "solutions", "instructor", "__main__")
+
+
+def _chapter_modules() -> list:
+    import importlib
+    return [importlib.import_module(f"labkit.check.{chapter}") for chapter in CHAPTERS]
 
 
 def _load_chapters() -> None:
     """Import every chapter module so that EXERCISES is complete."""
-    from labkit.check import baseline, clustering, graph, pipeline, pruning, quantization, search  # noqa: F401
+    _chapter_modules()
 
 
 def __getattr__(name: str):
     """`check.magnitude_mask` and friends: the chapter modules load on first use (some import TensorFlow)."""
-    if name.startswith("_"):
+    if name.startswith("_") or name in SUBMODULES:   # a submodule being imported: not a checker
         raise AttributeError(name)
-    _load_chapters()
     for module in _chapter_modules():
         if name in EXERCISES and hasattr(module, name):
             return getattr(module, name)
     raise AttributeError(f"labkit.check has no {name!r}; the exercises are {sorted(EXERCISES)}")
-
-
-def _chapter_modules():
-    from labkit.check import baseline, clustering, graph, pipeline, pruning, quantization, search
-    return (baseline, pruning, clustering, quantization, graph, pipeline, search)
