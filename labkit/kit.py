@@ -1,0 +1,240 @@
+"""The offline classroom kit: `python -m labkit.kit pack` (instructor) and `unpack` (each learner).
+
+pack writes, under build/kit/ by default:
+  * wheels/            the pinned dependencies for the chosen Pythons and platforms (`pip download`),
+                       so that 30 laptops install with no network:
+                       pip install --no-index --find-links wheels -e ".[dev]"
+  * models.tar.gz      every trained and exported model in artifacts/, with kit-manifest.json inside:
+                       the SHA-256 of each file and the library versions that made them.
+
+unpack checks the bundle before it touches artifacts/: every file present and matching its checksum
+(a corrupt or partial bundle is refused, naming the file), the library versions equal to the ones
+installed (a cache entry is only valid for the versions that wrote it), and no learner's own model
+overwritten without asking. Then the notebooks load these models instead of training them.
+Measurements (results/) are not bundled: every number is measured on the machine that shows it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from labkit import ARTIFACTS_DIR, ROOT
+
+KIT_DIR = ROOT / "build" / "kit"
+MANIFEST = "kit-manifest.json"
+# The libraries whose versions decide whether a cached model is still valid: tf-keras writes the
+# .keras files, TensorFlow's converter and tfmot shape the .tflite files and their cache keys.
+VERSIONED = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "ai-edge-quantizer", "numpy")
+PLATFORMS = {"linux": "manylinux_2_27_x86_64", "linux-arm": "manylinux_2_27_aarch64", "mac": "macosx_12_0_arm64",
+             "windows": "win_amd64"}
+
+
+class KitError(Exception):
+    """A bundle that cannot be used as it is; the message says which file and what to do."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def installed_versions() -> dict:
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def model_files(artifacts: Path) -> list[Path]:
+    """Every file under artifacts/ worth shipping (not temporary files, not a previous manifest)."""
+    return sorted(p for p in artifacts.rglob("*") if p.is_file() and p.name != MANIFEST
+                  and not p.name.startswith(".") and not p.name.endswith((".tmp", ".lock")))
+
+
+# ----------------------------------------------------------------------------- pack
+
+def pack_models(artifacts: Path = ARTIFACTS_DIR, out: Path = KIT_DIR) -> Path:
+    """models.tar.gz with every model file and kit-manifest.json (checksums, versions); atomic."""
+    files = model_files(artifacts)
+    if not files:
+        raise KitError(f"{artifacts} holds no models: run the book first (python -m labkit.book), then pack")
+    manifest = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": installed_versions(),
+                "files": {str(p.relative_to(artifacts)): {"sha256": sha256_of(p), "bytes": p.stat().st_size}
+                          for p in files}}
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "models.tar.gz"
+    tmp = target.with_name(target.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        data = json.dumps(manifest, indent=1).encode()
+        info = tarfile.TarInfo(MANIFEST)
+        info.size, info.mtime = len(data), int(time.time())
+        import io
+        tar.addfile(info, io.BytesIO(data))
+        for path in files:
+            tar.add(path, arcname=str(path.relative_to(artifacts)), recursive=False)
+    tmp.replace(target)
+    return target
+
+
+def requirements() -> list[str]:
+    """The pinned dependencies of pyproject.toml, the dev extra included."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return list(project["dependencies"]) + list(project["optional-dependencies"]["dev"])
+
+
+def download_commands(out: Path, pythons, platforms) -> list[list[str]]:
+    """One `pip download` per (Python, platform): binary wheels only, as the learner's pip will want."""
+    commands = []
+    for python in pythons:
+        for platform in platforms:
+            tag = PLATFORMS.get(platform, platform)
+            commands.append([sys.executable, "-m", "pip", "download", "--dest", str(out / "wheels"),
+                             "--only-binary=:all:", "--python-version", python, "--platform", tag,
+                             "setuptools>=68", "wheel", *requirements()])
+    return commands
+
+
+def pack(out: Path = KIT_DIR, pythons=("3.11",), platforms=("linux",), wheels: bool = True) -> dict:
+    made = {"models": pack_models(out=out)}
+    if wheels:
+        for command in download_commands(out, pythons, platforms):
+            print("+", " ".join(command[3:8]), "...", flush=True)
+            subprocess.run(command, check=True)
+        made["wheels"] = out / "wheels"
+    return made
+
+
+# ----------------------------------------------------------------------------- unpack
+
+def read_manifest(tar: tarfile.TarFile, bundle: Path) -> dict:
+    try:
+        member = tar.getmember(MANIFEST)
+        return json.loads(tar.extractfile(member).read())
+    except (KeyError, json.JSONDecodeError, AttributeError) as error:
+        raise KitError(f"{bundle} has no readable {MANIFEST}: it is not a labkit models bundle, or it is "
+                       f"damaged ({error}). Ask the instructor for the bundle again.") from None
+
+
+def check_versions(manifest: dict) -> None:
+    mine = installed_versions()
+    wrong = {name: (made, mine.get(name)) for name, made in manifest["versions"].items() if mine.get(name) != made}
+    if wrong:
+        listed = "; ".join(f"{name}: bundle {made}, installed {have}" for name, (made, have) in wrong.items())
+        raise KitError(f"the bundle's models were made with other library versions ({listed}). A cached model "
+                       "is only valid for the versions that wrote it: install the README's pins "
+                       "(pip install -e \".[dev]\", or from the kit's wheels), or ask for a bundle made with yours.")
+
+
+def unpack(bundle: Path, artifacts: Path = ARTIFACTS_DIR, replace: bool | None = None, ask=input) -> dict:
+    """Verify `bundle` completely, then move its models into `artifacts`.
+
+    A file already in artifacts/ with other contents is the learner's own: kept unless `replace`
+    is True; with replace=None the learner is asked once (`ask`), and a non-interactive run keeps it.
+    Returns {"added": [...], "same": [...], "kept": [...], "replaced": [...]}.
+    """
+    bundle = Path(bundle)
+    if not bundle.is_file():
+        raise KitError(f"no bundle at {bundle}: copy models.tar.gz from the instructor's kit first")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".kit-", dir=artifacts))
+    try:
+        try:
+            with tarfile.open(bundle, "r:gz") as tar:
+                manifest = read_manifest(tar, bundle)
+                check_versions(manifest)
+                tar.extractall(staging, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise KitError(f"{bundle} is damaged or incomplete ({type(error).__name__}: {error}); "
+                           "copy it again from the instructor's kit") from None
+        for name, entry in manifest["files"].items():
+            path = staging / name
+            if not path.is_file():
+                raise KitError(f"{bundle} is incomplete: {name} is missing. Copy the bundle again.")
+            if sha256_of(path) != entry["sha256"]:
+                raise KitError(f"{bundle} is corrupt: {name} does not match its checksum. Copy the bundle again.")
+        extra = sorted(str(p.relative_to(staging)) for p in model_files(staging) if
+                       str(p.relative_to(staging)) not in manifest["files"])
+        if extra:
+            raise KitError(f"{bundle} holds files its manifest does not list ({', '.join(extra[:3])}): refused")
+        report = {"added": [], "same": [], "kept": [], "replaced": []}
+        conflicts = [name for name in manifest["files"] if (artifacts / name).is_file()
+                     and sha256_of(artifacts / name) != manifest["files"][name]["sha256"]]
+        if conflicts and replace is None:
+            replace = sys.stdin.isatty() and ask(
+                f"{len(conflicts)} of your own model files differ from the bundle's (e.g. {conflicts[0]}). "
+                "Replace them with the bundle's? [y/N] ").strip().lower() == "y"
+        for name in manifest["files"]:
+            source, target = staging / name, artifacts / name
+            if name in conflicts and not replace:
+                report["kept"].append(name)
+                continue
+            kind = "replaced" if name in conflicts else "same" if target.is_file() else "added"
+            if kind != "same":
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+            report[kind].append(name)
+        tmp = artifacts / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({**manifest, "unpacked": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        tmp.replace(artifacts / MANIFEST)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labkit.kit", description="The offline classroom kit.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("pack", help="instructor: wheels for offline installs and the trained models")
+    p.add_argument("--out", type=Path, default=KIT_DIR)
+    p.add_argument("--python", nargs="+", default=[f"{sys.version_info[0]}.{sys.version_info[1]}"],
+                   help="Python versions of the learners' laptops (default: this one), e.g. 3.11 3.12 3.13")
+    p.add_argument("--platform", nargs="+", default=["linux"],
+                   help=f"learners' platforms: {', '.join(PLATFORMS)} or a pip platform tag (default: linux)")
+    p.add_argument("--models-only", action="store_true", help="skip the wheels (learners are already installed)")
+    u = commands.add_parser("unpack", help="learner: verify the models bundle and put it in artifacts/")
+    u.add_argument("bundle", type=Path, help="models.tar.gz from the instructor's kit")
+    group = u.add_mutually_exclusive_group()
+    group.add_argument("--replace", action="store_true", default=None, help="replace your own differing models")
+    group.add_argument("--keep", dest="replace", action="store_false", help="keep your own differing models")
+    u.set_defaults(replace=None)   # neither flag: ask
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pack":
+            made = pack(args.out, args.python, args.platform, wheels=not args.models_only)
+            size = made["models"].stat().st_size / 2**20
+            print(f"models bundle: {made['models']} ({size:.0f} MiB)")
+            if "wheels" in made:
+                wheels = sum(p.stat().st_size for p in made["wheels"].glob("*")) / 2**20
+                print(f"wheelhouse: {made['wheels']} ({wheels:.0f} MiB); learners install with\n"
+                      f"  pip install --no-index --find-links {made['wheels']} -e \".[dev]\"")
+            return 0
+        report = unpack(args.bundle, replace=args.replace)
+    except KitError as error:
+        print(f"refused: {error}", file=sys.stderr)
+        return 1
+    print(f"unpacked into {ARTIFACTS_DIR}: {len(report['added'])} added, {len(report['same'])} already there, "
+          f"{len(report['replaced'])} replaced, {len(report['kept'])} of your own kept")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
