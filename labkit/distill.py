@@ -7,12 +7,13 @@ distilled student beats the same student trained from labels). notebook 08 reads
 
 The teacher's logits, divided by a temperature T and passed through a softmax, say not only
 which digit an image is but how much it looks like each of the others (a 7 that is a bit of a
-1). The student is trained on a mix of that soft target and the true label:
+1). The student is trained on a mix of the true label and that soft target:
 
-    loss = (1 - alpha) * CE(label, student)  +  alpha * T**2 * KL(teacher_T || student_T)
+    loss = alpha * CE(label, student)  +  (1 - alpha) * T**2 * KL(teacher_T || student_T)
 
-where ``x_T = softmax(logits / T)``. The T**2 keeps the soft term's gradients the same size
-as T changes (they shrink as 1/T**2 otherwise). alpha = 0 is plain training from labels.
+where ``x_T = softmax(logits / T)`` (Keras's distillation example weighs the two terms the same
+way: alpha is the weight of the labels). The T**2 keeps the soft term's gradients the same size
+as T changes (they shrink as 1/T**2 otherwise). alpha = 1 is plain training from labels.
 
 Read top to bottom: settings, the loss (and its check against Keras' own losses), the
 teacher's logits (computed once and cached), training a student, the temperature sweep, the
@@ -51,8 +52,8 @@ def check_temperature(temperature) -> float:
 def check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
             or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha is the weight of the teacher's soft term, a number in [0, 1] "
-                         f"(0: labels only, 1: teacher only), got {alpha!r}")
+        raise ValueError(f"alpha is the weight of the labels' term, a number in [0, 1] "
+                         f"(1: labels only, 0: teacher only), got {alpha!r}")
     return float(alpha)
 
 
@@ -62,7 +63,7 @@ class StudentConfig:
     conv_filters: tuple = (12, 24)   # the baseline's shape, thinner: 6.3x fewer MACs
     dense_units: int = 64
     temperature: float = 4.0
-    alpha: float = 0.9               # 0.0: the same student from labels alone
+    alpha: float = 0.1               # the labels' weight (0.9 on the teacher); 1.0: labels alone
     epochs: int = 30
     train_subset: int | None = 2000  # distillation pays most when labelled data is scarce
     batch_size: int = 128
@@ -78,7 +79,7 @@ class StudentConfig:
     @property
     def name(self) -> str:
         width = "-".join(map(str, self.conv_filters)) + f"-{self.dense_units}"
-        return f"student-{width}-labels" if self.alpha == 0 else f"student-{width}-T{self.temperature:g}"
+        return f"student-{width}-labels" if self.alpha == 1 else f"student-{width}-T{self.temperature:g}"
 
 
 def build_student(config: StudentConfig = StudentConfig()) -> keras.Model:
@@ -94,18 +95,18 @@ def build_student(config: StudentConfig = StudentConfig()) -> keras.Model:
 # ============================================================================ 2. the loss
 
 def distillation_loss(labels, teacher_logits, student_logits, temperature: float = 4.0,
-                      alpha: float = 0.9):
-    """Per-image loss: (1 - alpha) * CE(labels) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))."""
+                      alpha: float = 0.1):
+    """Per-image loss: alpha * CE(labels) + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T))."""
     temperature, alpha = check_temperature(temperature), check_alpha(alpha)
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     student_logits = tf.convert_to_tensor(student_logits, tf.float32)
     hard = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=student_logits)
-    if alpha == 0.0:
+    if alpha == 1.0:
         return hard
     teacher_log_p = tf.nn.log_softmax(tf.convert_to_tensor(teacher_logits, tf.float32) / temperature)
     student_log_p = tf.nn.log_softmax(student_logits / temperature)
     kl = tf.reduce_sum(tf.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
-    return (1.0 - alpha) * hard + alpha * temperature ** 2 * kl
+    return alpha * hard + (1.0 - alpha) * temperature ** 2 * kl
 
 
 def pack_targets(labels: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
@@ -117,7 +118,7 @@ def pack_targets(labels: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
 class DistillationLoss(keras.losses.Loss):
     """distillation_loss on packed targets (see pack_targets)."""
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, name: str = "distillation"):
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.1, name: str = "distillation"):
         super().__init__(name=name)
         self.temperature, self.alpha = check_temperature(temperature), check_alpha(alpha)
 
@@ -161,7 +162,7 @@ def teacher_logits(teacher, x: np.ndarray, *, name: str = "train", directory: Pa
 # ============================================================================ 4. training a student
 
 def fit_student(model, x, y, logits, config: StudentConfig, progress: bool = True, callbacks=()) -> dict:
-    """models.train on the distillation loss (deterministic, cosine decay); alpha=0 is labels only.
+    """models.train on the distillation loss (deterministic, cosine decay); alpha=1 is labels only.
 
     Any model with logits out can be the student: the search in notebook 08 fine-tunes its
     factored, pruned variants with it.
@@ -177,23 +178,23 @@ def load_or_train_student(config: StudentConfig, splits, teacher=None, *, direct
     """The trained student and its record, from models.cached or trained now.
 
     A distilled student's entry is keyed by its settings and the teacher's weights (None: the
-    baseline); a label-trained one (alpha=0) needs no teacher and is keyed by its settings alone.
+    baseline); a label-trained one (alpha=1) needs no teacher and is keyed by its settings alone.
     """
-    if config.alpha > 0 and teacher is None:
+    if config.alpha < 1 and teacher is None:
         teacher, _ = models.load_or_train_baseline()
     x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]   # None: all
 
     def train():
-        if config.alpha > 0:
+        if config.alpha < 1:
             logits = teacher_logits(teacher, x, directory=directory)
         else:
-            logits = np.zeros((len(x), NUM_CLASSES), np.float32)   # unused: alpha=0 reads only the labels
+            logits = np.zeros((len(x), NUM_CLASSES), np.float32)   # unused: alpha=1 reads only the labels
         model = build_student(config)
         fit = fit_student(model, x, y, logits, config, progress=progress)
         return model, {**fit, "macs": measure.count_macs(model), "params": measure.count_params(model)["params"],
                        "val_accuracy": measure.accuracy(measure.keras_call(model), splits.x_val, splits.y_val),
                        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return models.cached(config.name, asdict(config), [teacher] if config.alpha > 0 else [], train, directory)
+    return models.cached(config.name, asdict(config), [teacher] if config.alpha < 1 else [], train, directory)
 
 
 def mac_ratio(teacher, student) -> float:
@@ -219,14 +220,14 @@ def compare(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 
     """
     if teacher is None:
         teacher, _ = models.load_or_train_baseline()
-    configs = [replace(config, alpha=0.0)] + [replace(config, temperature=float(t)) for t in temperatures]
+    configs = [replace(config, alpha=1.0)] + [replace(config, temperature=float(t)) for t in temperatures]
     rows, students = [], {}
     for c in configs:
         model, record = load_or_train_student(c, splits, teacher, progress=progress)
         check_student_size(teacher, model)
         students[c.name] = model
         runner = measure.keras_call(model)
-        rows.append({"student": c.name, "alpha": c.alpha, "temperature": c.temperature if c.alpha else None,
+        rows.append({"student": c.name, "alpha": c.alpha, "temperature": c.temperature if c.alpha < 1 else None,
                      "val_accuracy": record["val_accuracy"],
                      "test_accuracy": measure.accuracy(runner, splits.x_test, splits.y_test),
                      "macs": record["macs"], "params": record["params"],
@@ -249,7 +250,7 @@ def export_tflite(model, config: StudentConfig, directory: Path = DISTILL_DIR) -
 def verdict(table: pd.DataFrame, config: StudentConfig = StudentConfig()) -> pd.DataFrame:
     """The targets, from compare()'s table: the student needs >= MIN_MAC_RATIO x fewer MACs than the
     teacher, and distilled at config's temperature it beats the label-trained one by >= MIN_GAIN."""
-    labels, student = table.loc[replace(config, alpha=0.0).name], table.loc[config.name]
+    labels, student = table.loc[replace(config, alpha=1.0).name], table.loc[config.name]
     measured = {"teacher / student MACs": table.loc["teacher (baseline)", "macs"] / student["macs"],
                 "distilled minus labels-only test accuracy": student["test_accuracy"] - labels["test_accuracy"]}
     return measure.verdicts(measured, dict(zip(measured, (MIN_MAC_RATIO, MIN_GAIN))))

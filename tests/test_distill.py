@@ -22,32 +22,45 @@ def batch(seed=0, n=64):
 
 def test_loss_is_cross_entropy_at_T1_without_soft_term():
     labels, teacher, student = batch()
-    ours = distill.distillation_loss(labels, teacher, student, temperature=1.0, alpha=0.0).numpy()
+    ours = distill.distillation_loss(labels, teacher, student, temperature=1.0, alpha=1.0).numpy()
     keras_ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")(labels, student).numpy()
     np.testing.assert_allclose(ours, keras_ce, rtol=1e-5, atol=1e-6)
     # without the soft term the temperature and the teacher play no part
-    other = distill.distillation_loss(labels, -teacher, student, temperature=7.0, alpha=0.0).numpy()
+    other = distill.distillation_loss(labels, -teacher, student, temperature=7.0, alpha=1.0).numpy()
     np.testing.assert_allclose(other, keras_ce, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5, 8.0])
 def test_soft_term_is_keras_kl_times_T_squared(temperature):
     labels, teacher, student = batch(1)
-    ours = distill.distillation_loss(labels, teacher, student, temperature, alpha=1.0).numpy()
+    ours = distill.distillation_loss(labels, teacher, student, temperature, alpha=0.0).numpy()
     kl = keras.losses.KLDivergence(reduction="none")(tf.nn.softmax(teacher / temperature),
                                                       tf.nn.softmax(student / temperature)).numpy()
     np.testing.assert_allclose(ours, temperature ** 2 * kl, rtol=1e-4, atol=1e-6)
     # a student that copies its teacher has nothing left to learn from it
-    same = distill.distillation_loss(labels, teacher, teacher, temperature, alpha=1.0).numpy()
+    same = distill.distillation_loss(labels, teacher, teacher, temperature, alpha=0.0).numpy()
     np.testing.assert_allclose(same, 0.0, atol=1e-5)
 
 
 def test_mixture_is_linear_in_alpha():
     labels, teacher, student = batch(2)
-    hard = distill.distillation_loss(labels, teacher, student, 4.0, 0.0).numpy()
-    soft = distill.distillation_loss(labels, teacher, student, 4.0, 1.0).numpy()
+    hard = distill.distillation_loss(labels, teacher, student, 4.0, 1.0).numpy()
+    soft = distill.distillation_loss(labels, teacher, student, 4.0, 0.0).numpy()
     mixed = distill.distillation_loss(labels, teacher, student, 4.0, 0.3).numpy()
-    np.testing.assert_allclose(mixed, 0.7 * hard + 0.3 * soft, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mixed, 0.3 * hard + 0.7 * soft, rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_is_the_labels_weight():
+    """Keras's distillation example: alpha * CE(labels) + (1 - alpha) * T^2 * KL; alpha = 1 is labels only."""
+    config = distill.StudentConfig()
+    assert config.alpha == pytest.approx(0.1), "the default puts 0.9 on the teacher"
+    assert replace(config, alpha=1.0).name.endswith("-labels")
+    assert config.name.endswith(f"-T{config.temperature:g}")
+    labels, teacher, student = batch(5)
+    loss = distill.distillation_loss(labels, teacher, student, 2.0, 0.25).numpy()
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")(labels, student).numpy()
+    kl = keras.losses.KLDivergence(reduction="none")(tf.nn.softmax(teacher / 2.0), tf.nn.softmax(student / 2.0)).numpy()
+    np.testing.assert_allclose(loss, 0.25 * ce + 0.75 * 4.0 * kl, rtol=1e-4, atol=1e-6)
 
 
 def test_soft_gradient_matches_the_formula():
@@ -56,7 +69,7 @@ def test_soft_gradient_matches_the_formula():
     T = 4.0
     s = tf.Variable(student)
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(distill.distillation_loss(labels, teacher, s, T, 1.0))
+        loss = tf.reduce_sum(distill.distillation_loss(labels, teacher, s, T, 0.0))
     grad = tape.gradient(loss, s).numpy()
     expected = T * (distill.soft_targets(student, T) - distill.soft_targets(teacher, T))
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
@@ -118,7 +131,7 @@ def test_student_is_the_plain_cnn():
 def test_verdict():
     config = distill.StudentConfig(conv_filters=(2, 4), dense_units=8)
     table = pd.DataFrame({"test_accuracy": [0.90, 0.92, 0.99], "macs": [100, 100, 1000]},
-                         index=[replace(config, alpha=0.0).name, config.name, "teacher (baseline)"])
+                         index=[replace(config, alpha=1.0).name, config.name, "teacher (baseline)"])
     checks = distill.verdict(table, config).set_index("figure")
     assert checks["measured"].tolist() == pytest.approx([10.0, 0.02])
     assert checks["met"].all()
@@ -156,6 +169,6 @@ def test_tiny_student_trains_and_caches(tiny_model, tiny_plain_model, splits, tm
     assert not np.array_equal(other(x).numpy(), model(x).numpy())
     assert len(list(tmp_path.glob(f"{config.name}-*.keras"))) == 2
     # labels only: a different cache entry, and no teacher needed
-    labels_only, record4 = distill.load_or_train_student(replace(config, alpha=0.0), splits, None,
+    labels_only, record4 = distill.load_or_train_student(replace(config, alpha=1.0), splits, None,
                                                          directory=tmp_path, progress=False)
     assert record4["inputs"] == [] and not np.array_equal(labels_only(x).numpy(), model(x).numpy())

@@ -100,8 +100,10 @@ def dominates(a, b):
 
 
 def pareto_front(points):
+    def beats(a, b):   # exercise 7.1's rule: no worse anywhere, better somewhere
+        return (a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]) and (a[0] > b[0] or a[1] < b[1] or a[2] < b[2])
     points = [tuple(p) for p in points]
-    return np.array([not any(dominates(other, p) for other in points) for p in points])
+    return np.array([not any(beats(other, p) for other in points) for p in points])
 
 
 # ----------------------------------------------------------------------------- 08 · search
