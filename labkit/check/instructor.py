@@ -58,7 +58,9 @@ def filled(nb):
     copy = nbformat.reads(nbformat.writes(nb), as_version=4)
     for cell in tagged(copy, "exercise"):
         name = exercise_name(cell)
-        cell.source = f"{solution_source(name).rstrip()}\n\ncheck.{name}({name})\n"
+        source = solution_source(name).rstrip()
+        imports = "import math\n\n" if "math." in source else ""   # solutions.py's own import
+        cell.source = f"{imports}{source}\n\ncheck.{name}({name})\n"
     return copy
 
 
