@@ -40,7 +40,7 @@ def m_by_n_mask(kernel, m=2, n=4):
     groups = inputs_last.reshape(-1, n)
     order = np.argsort(-groups, axis=1, kind="stable")        # largest first
     keep = np.zeros_like(groups, dtype=bool)
-    np.put_along_axis(keep, order[:, :m], True, axis=1)
+    np.put_along_axis(keep, order[:, :n - m], True, axis=1)   # m zeros per group: keep the n - m largest
     return np.moveaxis(keep.reshape(inputs_last.shape), -1, -2)
 
 
