@@ -6,7 +6,8 @@ Owns what happens between a Keras model and the graph a runtime executes, one st
 2. Grappler: TensorFlow's graph optimizer folds constants and fuses op patterns;
 3. batch-norm folding: `fold_conv_bn` (the math) and `fold_batchnorm`, the book's only BN folding
    (notebook 07's pipeline and notebook 04's int8 check use it too), checked against the unfolded
-   model and against the TFLite converter's weights;
+   model and against the TFLite converter's weights; `converter_passes` shows that the converter
+   folds and fuses in its own MLIR passes, not with Grappler;
 4. XLA: compile cost on the first call at each new shape, then the steady state.
 
 Running the model on other runtimes and the compute floor are in `labkit/runtimes.py`.
@@ -15,6 +16,7 @@ Functions return models, graphs and numbers; the notebook draws.
 from __future__ import annotations
 
 import collections
+import re
 import time
 from pathlib import Path
 
@@ -98,7 +100,9 @@ def grappler(frozen, passes=("constfold", "arithmetic", "dependency", "remap"),
 
     `device` places every node first, as TensorFlow does before it optimizes a graph at run time:
     the remapper fuses only nodes it knows are on a CPU (or GPU), so device=None shows the trap.
-    This calls tf_optimizer.OptimizeGraph, the internal entry point the TFLite converter uses too.
+    This calls tf_optimizer.OptimizeGraph, Grappler's internal Python entry point. (The TFLite
+    converter calls it only for its legacy converter or SELECT_TF_OPS-only models; by default it
+    folds and fuses in its own MLIR passes: see `converter_passes`.)
     """
     from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, rewriter_config_pb2
     from tensorflow.python.grappler import tf_optimizer
@@ -267,6 +271,55 @@ def tflite_conv_weights(path) -> list:
             raise ValueError(f"{layer} of {path} is not a float32 convolution with a bias (stored {w['dtype']})")
         out.append((w["values"].transpose(1, 2, 3, 0), w["bias"]))   # the file stores OHWI
     return out
+
+
+# The TFLite converter's MLIR passes that take a TensorFlow graph to TFLite ops, in the order they run:
+# PrepareTF (batch norm -> multiply and add, the multiply folded into the conv filter), LegalizeTF (every
+# remaining TF op -> its TFLite op) and Optimize (bias adds into their conv/fully connected op, ReLUs
+# into fused_activation_function).
+CONVERTER_PASSES = ("PrepareTFPass", "LegalizeTFPass", "OptimizePass")
+_MLIR_OP = re.compile(r'= "?((?:tf|tfl)\.[A-Za-z0-9_]+)"?[ (]')
+_MLIR_CONSTANTS = frozenset({"tf.Const", "tfl.pseudo_const", "tfl.no_value"})
+
+
+def mlir_op_counts(text: str) -> collections.Counter:
+    """Op counts of an MLIR dump in the TF and TFLite dialects (tf.X, tfl.x), constants left out."""
+    return collections.Counter(op for op in _MLIR_OP.findall(text) if op not in _MLIR_CONSTANTS)
+
+
+def converter_passes(model: keras.Model, passes=CONVERTER_PASSES) -> dict:
+    """What the default TFLite converter does to `model`, pass by pass (notebook 05, section 3).
+
+    Converts the model as models.save_tflite does, with the converter's IR dump switched on for
+    `passes`, and returns {"grappler_passes": the passes the converter hands Grappler (none, with
+    the default MLIR converter: TensorFlow's lite.py skips Grappler when the list is empty),
+    "ops": a table of op counts (rows: ops, `tf.` TensorFlow's and `tfl.` TFLite's; columns: the
+    graph as the first pass receives it, then after each pass)}.
+    """
+    import tempfile
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    # lite.py's own rule: "MLIR converter will take care of constant folding instead of grappler".
+    grappler_passes = list(converter._grappler_config().graph_options.rewrite_options.optimizers)
+    with tempfile.TemporaryDirectory() as directory:
+        converter.ir_dump_dir = directory
+        converter.ir_dump_pass_regex = "|".join(passes)
+        with labkit.quiet_stderr():
+            converter.convert()
+        dumps = sorted(Path(directory).rglob("*.mlir"))
+        columns = {}
+        first = next((d for d in dumps if d.name.endswith(f"{passes[0]}_before.mlir")), None)
+        if first is None:
+            raise RuntimeError(f"the converter wrote no IR dump for {passes[0]} in {directory}: "
+                               f"found {[d.name for d in dumps]}")
+        columns["TF graph in"] = mlir_op_counts(first.read_text())
+        for name in passes:   # a pass that runs more than once (Optimize does) counts by its last run
+            after = [d for d in dumps if d.name.endswith(f".{name}_after.mlir")]
+            if after:
+                columns[f"after {name.removesuffix('Pass')}"] = mlir_op_counts(after[-1].read_text())
+    ops = sorted(set().union(*columns.values()), key=lambda op: (op.startswith("tfl."), op))
+    table = pd.DataFrame({name: [c.get(op, 0) for op in ops] for name, c in columns.items()}, index=ops)
+    table.index.name = "op"
+    return {"grappler_passes": grappler_passes, "ops": table}
 
 
 # ----------------------------------------------------------------------------- 4. XLA

@@ -97,19 +97,28 @@ def test_each_cluster_error_has_its_own_pids():
 
 
 def test_scaling_keeps_each_configurations_best_round_and_alternates_the_order(monkeypatch):
-    seconds = {(1, 0): 8.0, (2, 0): 9.0, (2, 1): 4.0, (1, 1): 10.0}  # round 0 disturbed the 2-worker run
+    # round 0 disturbed the 2-worker run; (workers, threads) -> seconds in round 0 and round 1
+    seconds = {(1, 1): (8.0, 10.0), (2, 1): (9.0, 4.0), (1, 2): (5.0, 6.0)}
     calls = []
 
-    def fake_run(n, model, **kwargs):
-        s = seconds[(n, sum(1 for c in calls if c == n))]
-        calls.append(n)
-        return {"num_workers": n, "images": 800, "seconds": s, "throughput_ips": 800 / s,
+    def fake_run(n, model, threads=1, **kwargs):
+        s = seconds[(n, threads)][sum(1 for c in calls if c == (n, threads))]
+        calls.append((n, threads))
+        return {"num_workers": n, "threads": threads, "images": 800, "seconds": s, "throughput_ips": 800 / s,
                 "cpu_share": 1.0 if s < 9 else 0.5, "images_per_cpu_second": 100.0, "load_before": 0.0}
     monkeypatch.setattr(cluster, "run_local", fake_run)
     table, runs = cluster.scaling("model.keras", rounds=2, progress=False)
-    assert calls == [1, 2, 2, 1]
-    assert table.loc[1, "throughput_ips"] == 100 and table.loc[2, "throughput_ips"] == 200
-    assert table.loc[2, "speedup"] == 2 and table.loc[2, "efficiency"] == 1 and table.loc[2, "cpu_share"] == 1.0
+    assert calls == [(1, 1), (2, 1), (1, 2), (1, 2), (2, 1), (1, 1)]
+    one, two = cluster.configuration_name(1, 1), cluster.configuration_name(2, 1)
+    threads = cluster.configuration_name(1, 2)
+    assert list(table.index) == [one, two, threads] == ["1 worker x 1 thread", "2 workers x 1 thread",
+                                                          "1 worker x 2 threads"]
+    assert table.loc[one, "throughput_ips"] == 100 and table.loc[two, "throughput_ips"] == 200
+    assert table.loc[two, "speedup"] == 2 and table.loc[two, "efficiency"] == 1 and table.loc[two, "cpu_share"] == 1.0
+    assert table.loc[threads, "throughput_ips"] == 160 and table.loc[threads, "cores"] == 2
+    assert table.loc[threads, "speedup"] == 1.6 and table.loc[threads, "efficiency"] == 0.8
+    with pytest.raises(ValueError, match="distinct"):
+        cluster.scaling("model.keras", configurations=[(1, 1), (1, 1)], progress=False)
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -135,9 +144,10 @@ def test_a_port_in_use_fails_at_once(tiny_model_path):
         s.listen()
         taken = s.getsockname()[1]
         start = time.monotonic()
-        with pytest.raises(cluster.ClusterError, match=f"{taken}.*already in use"):
+        with pytest.raises(cluster.ClusterError, match=f"{taken}.*already in use") as info:
             cluster.run_local(2, tiny_model_path, ports=[taken, cluster.free_ports(1)[0]])
         assert time.monotonic() - start < 2
+        assert info.value.pids == []  # checked before any worker started: nothing to leave behind
 
 
 def test_a_worker_that_exits_early_stops_the_job_quickly_and_cleanly(tiny_model_path, tmp_path):

@@ -186,6 +186,26 @@ def test_the_tflite_converter_folds_batchnorm_like_we_do(tiny, tmp_path):
         np.testing.assert_allclose(b_theirs, b_ours, atol=1e-5)
 
 
+def test_the_tflite_converter_folds_and_fuses_in_its_own_mlir_passes_not_grappler(tiny):
+    report = graph.converter_passes(tiny)
+    assert report["grappler_passes"] == []   # the default converter hands Grappler nothing to run
+    ops = report["ops"]
+    assert list(ops.columns) == ["TF graph in", "after PrepareTF", "after LegalizeTF", "after Optimize"]
+    assert ops.loc["tf.FusedBatchNormV3", "TF graph in"] == 2 and ops.loc["tf.FusedBatchNormV3"].iloc[1:].sum() == 0
+    assert ops.loc["tfl.conv_2d", "after PrepareTF"] == 2   # batch norm gone into the filter, in PrepareTF
+    after = ops["after Optimize"]
+    assert not any(op.startswith("tf.") and n for op, n in after.items())   # every op legalized to TFLite
+    assert after.get("tfl.relu", 0) == 0 and after.get("tfl.add", 0) == 0   # fused into conv / fully connected
+    assert after["tfl.conv_2d"] == 2 and after["tfl.fully_connected"] == 2
+
+
+def test_mlir_op_counts_reads_both_op_forms_and_skips_constants():
+    text = ('%0 = "tfl.conv_2d"(%arg0, %cst) : ...\n%1 = tfl.add %0, %cst_1 {fused_activation_function = "NONE"}\n'
+            '%cst = "tf.Const"() <{value = dense<1.0>}>\n%2 = "tfl.no_value"() {value} : () -> none\n'
+            'attributes {tf.entry_function = {inputs = "x"}}')
+    assert graph.mlir_op_counts(text) == {"tfl.conv_2d": 1, "tfl.add": 1}
+
+
 # ----------------------------------------------------------------------------- XLA
 
 def test_bucketed_pads_up_and_trims_back():

@@ -4,7 +4,7 @@
     cluster.py      starts N local workers on 127.0.0.1, watches them, gathers and checks predictions
     dtensor.py      model and hybrid parallelism with DTensor on logical CPU devices (fresh process)
     ray_serving.py  Ray Data batch inference of the int8 .tflite with a pool of LiteRT actors
-    __main__.py     `python -m labkit.distributed`: the scaling benchmark (1 vs 2 workers)
+    __main__.py     `python -m labkit.distributed`: the scaling benchmark (1 vs 2 workers, 1 vs 2 threads)
 
 Nothing here imports TensorFlow at import time: a worker must configure TensorFlow's runtime
 (threads, collectives, logical devices) before anything starts it.

@@ -1,8 +1,9 @@
 """The data-parallel scaling benchmark: `python -m labkit.distributed [--repeat 8 --rounds 3]`.
 
 Prints throughput of the same batch-inference job (the test set, repeated) on 1 and 2 local
-workers with one thread each, and checks the target: 2 workers reach >= 1.6x of 1 worker
-(notebook 06 runs a shorter job and points here for the full one).
+workers with one thread each, and on one worker with two TensorFlow threads, and checks the
+target: 2 one-thread workers reach >= 1.6x of 1 worker (notebook 06 runs a shorter job and points
+here for the full one).
 """
 import argparse
 import os
@@ -26,23 +27,28 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     table, runs = cluster.scaling(model, repeat=args.repeat, rounds=args.rounds, batch_size=args.batch_size)
     load_after = os.getloadavg()
+    one, two = cluster.configuration_name(*cluster.ONE_WORKER), cluster.configuration_name(*cluster.TWO_WORKERS)
+    threads = cluster.configuration_name(*cluster.ONE_PROCESS_TWO_THREADS)
     print(f"machine: {measure.machine_string()}")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} "
-          f"on {os.cpu_count()} cores; cpu_share = CPU seconds the workers got / (seconds x workers)")
+          f"on {os.cpu_count()} cores; cpu_share = CPU seconds the workers got / (seconds x workers x threads)")
     print(f"job: {table['images'].iloc[0]} images (test set x {args.repeat}), batch {args.batch_size}, "
-          f"1 TensorFlow thread per worker, {args.rounds} interleaved rounds")
+          f"{args.rounds} interleaved rounds")
     with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(pd.DataFrame(runs)[["round", "num_workers", "seconds", "throughput_ips", "cpu_share",
+        print(pd.DataFrame(runs)[["round", "configuration", "seconds", "throughput_ips", "cpu_share",
                                   "images_per_cpu_second", "load_before"]].round(3).to_string(index=False))
         print(table.round(3).to_string())
-    speedup = float(table.loc[2, "speedup"])
+    speedup = float(table.loc[two, "speedup"])
     verdict = "met" if speedup >= TARGET_SPEEDUP else f"MISSED by {TARGET_SPEEDUP - speedup:.2f}x"
     print(f"target: 2 workers >= {TARGET_SPEEDUP}x the throughput of 1 worker: measured {speedup:.2f}x "
           f"(efficiency {speedup / 2:.0%}) -> {verdict}")
-    if table["cpu_share"].min() < 0.8:
-        print(f"warning: the workers got only {table['cpu_share'].min():.0%} of their cores (other programs were "
+    print(f"one process with 2 threads: {float(table.loc[threads, 'speedup']):.2f}x one worker; 2 workers reach "
+          f"{float(table.loc[two, 'throughput_ips'] / table.loc[threads, 'throughput_ips']):.2f}x its throughput")
+    one_thread_share = float(table.loc[[one, two], "cpu_share"].min())
+    if one_thread_share < 0.8:
+        print(f"warning: the one-thread workers got only {one_thread_share:.0%} of their cores (other programs were "
               "running): the wall-clock speedup is not reliable; rerun on a quiet machine. Work per CPU second, "
-              f"2 workers vs 1: {table.loc[2, 'images_per_cpu_second'] / table.loc[1, 'images_per_cpu_second']:.2f}")
+              f"2 workers vs 1: {table.loc[two, 'images_per_cpu_second'] / table.loc[one, 'images_per_cpu_second']:.2f}")
     return 0
 
 

@@ -267,7 +267,8 @@ def run_local(num_workers: int, model, *, out=None, ports: list[int] | None = No
     cpu_seconds = sum(r["cpu_seconds"] for r in reports)
     return {"num_workers": num_workers, "out": out, "reports": reports, "images": images,
             "seconds": seconds, "throughput_ips": images / seconds,
-            "cpu_share": cpu_seconds / (seconds * num_workers), "images_per_cpu_second": images / cpu_seconds,
+            "cpu_share": cpu_seconds / (seconds * num_workers * threads),
+            "images_per_cpu_second": images / cpu_seconds, "threads": threads,
             "wall_seconds": time.monotonic() - started, "load_before": load_before[0],
             "addresses": addresses, "pids": [w.process.pid for w in workers]}
 
@@ -310,39 +311,65 @@ def check_each_once(indices: np.ndarray, total: int) -> None:
 
 # ----------------------------------------------------------------------------- scaling
 
-def scaling(model, *, worker_counts=(1, 2), repeat: int = 5, rounds: int = 2, batch_size: int = 256,
-            progress: bool = True, **kwargs):
-    """Throughput of the same job on 1 and 2 workers (one thread each), rounds interleaved.
+# (workers, TensorFlow threads per worker): the three ways notebook 06 spends one or two cores.
+ONE_WORKER, TWO_WORKERS, ONE_PROCESS_TWO_THREADS = (1, 1), (2, 1), (1, 2)
 
-    Each round runs every worker count once, in alternating order, so a burst of load from
-    another program is shared between them; a configuration's figure is its best round
-    (the least disturbed). `cpu_share` is the CPU time the workers got over their wall time
-    (1.0: each had a core to itself; lower: other programs took the cores, and the wall-clock
-    figures say more about them than about us). `images_per_cpu_second` is the work done per
-    CPU second, which load barely moves: its ratio between 2 and 1 workers is the cost of
-    distributing. Returns (table, runs).
+
+def configuration_name(workers: int, threads: int) -> str:
+    """'1 worker x 1 thread', '2 workers x 1 thread', '1 worker x 2 threads': a row of the scaling table."""
+    return f"{workers} worker{'s' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+
+
+def scaling(model, *, configurations=(ONE_WORKER, TWO_WORKERS, ONE_PROCESS_TWO_THREADS), repeat: int = 5,
+            rounds: int = 2, batch_size: int = 256, progress: bool = True, **kwargs):
+    """Throughput of the same job in each (workers, threads per worker) configuration, rounds interleaved.
+
+    The default compares two ways of using two cores, two one-thread worker processes and one
+    process with two TensorFlow threads, with one one-thread worker. Every configuration runs
+    the same worker program (`python -m labkit.distributed.worker`; a single worker is a cluster
+    of one) on the same images and the same model, timed the same way.
+
+    Each round runs every configuration once, in alternating order, so a burst of load from
+    another program is shared between them; a configuration's figure is its best round (the
+    least disturbed). `speedup` is against the first configuration; `efficiency` is the speedup
+    per core used (workers x threads) relative to it. `cpu_share` is the CPU time the workers got
+    over their wall time and cores (1.0: every thread had a core to itself; lower: other programs
+    took the cores, or, for a multi-threaded worker, its threads waited on each other).
+    `images_per_cpu_second` is the work done per CPU second, which load barely moves. Returns
+    (table indexed by `configuration_name`, runs).
     """
     import pandas as pd
     if rounds < 1 or repeat < 1:
         raise ValueError(f"rounds and repeat must be >= 1, got {rounds} and {repeat}")
+    configurations = [tuple(c) for c in configurations]
+    if not configurations or any(len(c) != 2 or min(c) < 1 for c in configurations) \
+            or len(set(configurations)) != len(configurations):
+        raise ValueError(f"configurations must be distinct (workers, threads) pairs of positive counts, "
+                         f"got {configurations}")
     runs = []
-    plan = [(r, n) for r in range(rounds) for n in (worker_counts if r % 2 == 0 else worker_counts[::-1])]
-    for r, n in progress_bar(plan, desc="data-parallel runs", disable=not progress):
-        run = run_local(n, model, repeat=repeat, batch_size=batch_size, **kwargs)
-        runs.append({"round": r, **run})
-    frame = pd.DataFrame([{k: run[k] for k in ("round", "num_workers", "images", "seconds", "throughput_ips",
-                                               "cpu_share", "images_per_cpu_second", "load_before")}
+    plan = [(r, c) for r in range(rounds) for c in (configurations if r % 2 == 0 else configurations[::-1])]
+    for r, (n, threads) in progress_bar(plan, desc="data-parallel runs", disable=not progress):
+        run = run_local(n, model, repeat=repeat, batch_size=batch_size, threads=threads, **kwargs)
+        runs.append({"round": r, "configuration": configuration_name(n, threads), "threads": threads, **run})
+    frame = pd.DataFrame([{k: run[k] for k in ("round", "configuration", "num_workers", "threads", "images",
+                                               "seconds", "throughput_ips", "cpu_share",
+                                               "images_per_cpu_second", "load_before")}
                           for run in runs])
-    best = frame.loc[frame.groupby("num_workers")["throughput_ips"].idxmax()].set_index("num_workers")
-    table = pd.DataFrame({"images": best["images"], "best_round": best["round"], "best_seconds": best["seconds"],
+    names = [configuration_name(*c) for c in configurations]
+    best = frame.loc[frame.groupby("configuration")["throughput_ips"].idxmax()].set_index("configuration")
+    by_name = frame.groupby("configuration")
+    table = pd.DataFrame({"workers": best["num_workers"], "threads_per_worker": best["threads"],
+                          "cores": best["num_workers"] * best["threads"],
+                          "images": best["images"], "best_round": best["round"], "best_seconds": best["seconds"],
                           "throughput_ips": best["throughput_ips"],
-                          "median_throughput_ips": frame.groupby("num_workers")["throughput_ips"].median(),
+                          "median_throughput_ips": by_name["throughput_ips"].median(),
                           "cpu_share": best["cpu_share"],  # of the run that counts
-                          "images_per_cpu_second": frame.groupby("num_workers")["images_per_cpu_second"].median(),
-                          "load_before": best["load_before"]})
-    one = table.loc[worker_counts[0], "throughput_ips"]
-    table["speedup"] = table["throughput_ips"] / one
-    table["efficiency"] = table["speedup"] / (table.index / worker_counts[0])
+                          "images_per_cpu_second": by_name["images_per_cpu_second"].median(),
+                          "load_before": best["load_before"]}).loc[names]
+    table.index.name = "configuration"
+    first = table.iloc[0]
+    table["speedup"] = table["throughput_ips"] / first["throughput_ips"]
+    table["efficiency"] = table["speedup"] / (table["cores"] / first["cores"])
     return table, runs
 
 
