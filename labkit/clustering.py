@@ -5,8 +5,8 @@ clustering wrapped and validated (`cluster_model`, `strip`), THE cluster + fine-
 (`cluster`, on models.fine_tune and cached through models.cached), and what a clustered model
 holds (distinct values, codebook sizes, the values in a .tflite file). Notebook 03 reads it top to
 bottom: k-means in NumPy, the same on one layer with tfmot, whole-model clustering with
-fine-tuning, honest sizes, and clustering that keeps a pruned model's zeros (pruned by
-labkit.pruning). Clustering replaces every weight of a layer by the nearest of k shared values:
+fine-tuning, honest sizes, clustering that keeps a pruned model's zeros (pruned by
+labkit.pruning), and what batch-norm folding does to a conv codebook (`folding_and_codebooks`). Clustering replaces every weight of a layer by the nearest of k shared values:
 the layer becomes a *codebook* (k float32 centroids) plus an *index* per weight (log2(k) bits).
 """
 from __future__ import annotations
@@ -37,6 +37,9 @@ TFMOT_DENSITY_GAP = 0.01
 LARGE_LAYERS = ("conv2", "dense1", "logits")   # the ones worth pruning (conv1 has 288 weights)
 # Notebook 03's fine-tune: one epoch on 20,000 images (a trained model needs far less than training it).
 PLAN = models.FineTune(train_subset=20000, learning_rate=3e-4)
+# The chapter's targets at k = 16, stated and checked with these numbers (notebook 03's closing, `benchmark`).
+TARGET_DROP_POINTS = 0.3     # test accuracy lost against the float32 baseline, in percentage points
+TARGET_GZIP_SMALLER = 3.0    # gzipped clustered .tflite against the gzipped baseline
 
 
 # ----------------------------------------------------------------------------- checks
@@ -181,20 +184,29 @@ def kmeans(weights: np.ndarray, k: int, init: str = "kmeans++", iterations: int 
 
 # ----------------------------------------------------------------------------- the same with tfmot
 
-def tfmot_layer_clusters(model, layer_name: str, k: int, init: str = "kmeans++") -> dict:
+def tfmot_layer_clusters(model, layer_name: str, k: int, init: str = "kmeans++", per_channel: bool = False) -> dict:
     """tfmot's starting centroids for one layer, and the kernel tfmot builds from them.
 
     tfmot runs no Lloyd iterations: the start *is* its clustering until fine-tuning moves
-    the centroids by gradient descent.
+    the centroids by gradient descent. per_channel (Conv2D only): tfmot's cluster_per_channel,
+    k centroids for each output channel (centroids of shape (channels, k)).
     """
     check_init(init)
-    check_clusters(k, models.kernel(model, layer_name).size, f"layer {layer_name}")
+    w = models.kernel(model, layer_name)
+    check_clusters(k, w.size // w.shape[-1] if per_channel else w.size, f"layer {layer_name}")
     layer = models.clone_with_weights(model).get_layer(layer_name)
+    if per_channel and not (isinstance(layer, keras.layers.Conv2D) and layer.use_bias):
+        # tfmot 0.8.1 counts channels with the size of the layer's last trainable weight, taken for the
+        # bias: without one it counts the kernel, finds one weight per "channel" and skips the layer.
+        raise ValueError(f"layer {layer_name}: tfmot's cluster_per_channel needs a Conv2D with a bias "
+                         "(fold its batch norm first: graph.fold_batchnorm gives it one)")
     wrapper = tfmot.clustering.keras.cluster_weights(layer, number_of_clusters=int(k),
-                                                     cluster_centroids_init=TFMOT_INITS[init])
-    wrapper.build(layer.input_shape)
-    wrapper.update_clustered_weights_associations()   # gathers centroids into the kernel
-    return {"centroids": np.sort(wrapper.cluster_centroids["kernel"].numpy()),
+                                                     cluster_centroids_init=TFMOT_INITS[init],
+                                                     cluster_per_channel=per_channel)
+    with labkit.quiet_stderr():   # oneDNN's C++ note on int64 ops (the indices); errors still raise
+        wrapper.build(layer.input_shape)
+        wrapper.update_clustered_weights_associations()   # gathers centroids into the kernel
+    return {"centroids": np.sort(wrapper.cluster_centroids["kernel"].numpy(), axis=-1),
             "clustered_kernel": wrapper.layer.kernel.numpy()}
 
 
@@ -377,6 +389,46 @@ def tflite_unique_values(path, min_size: int = 100) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "op", "tensor", "shape", "unique_values"]).set_index("layer")
 
 
+def folding_and_codebooks(model, layer_name: str = "conv2", k: int = 16) -> pd.DataFrame:
+    """A conv kernel's codebook and batch-norm folding, three ways: tfmot's k-means++ start, then Lloyd.
+
+    per tensor, folded after: notebook 03's clustering; folding scales each output channel by its
+    own factor, so the file's kernel holds up to k x channels values. folded first, per tensor:
+    notebook 07's pipeline clusters the kernel that deploys (k values). folded first, per channel:
+    tfmot's remedy, cluster_per_channel=True, k values for each channel from the start. Errors
+    are against the folded float kernel, the one the converter writes (no fine-tuning here).
+    """
+    from labkit import graph
+    folded = graph.fold_batchnorm(model)
+    target = models.kernel(folded, layer_name).astype(np.float64)
+
+    def lloyd(kernel, start):   # from tfmot's start: one codebook, or one per output channel
+        if start.ndim == 1:
+            return kmeans(kernel, k, centroids=start).decode()
+        return np.stack([kmeans(kernel[..., c], k, centroids=start[c]).decode()
+                         for c in range(kernel.shape[-1])], axis=-1)
+
+    def fold_after(kernel):
+        copy = models.clone_with_weights(model)
+        copy.get_layer(layer_name).kernel.assign(kernel)
+        return models.kernel(graph.fold_batchnorm(copy), layer_name)
+
+    starts = {"per tensor, folded after (sections 2-3)": (model, False),
+              "folded first, per tensor (notebook 07)": (folded, False),
+              "folded first, per channel (cluster_per_channel=True)": (folded, True)}
+    rows = []
+    for way, (source, per_channel) in starts.items():
+        centroids = tfmot_layer_clusters(source, layer_name, k, per_channel=per_channel)["centroids"]
+        clustered = lloyd(models.kernel(source, layer_name), centroids)
+        deployed = fold_after(clustered) if source is model else clustered
+        channels = deployed.reshape(-1, deployed.shape[-1]).T
+        rows.append({"way": way, "centroids_stored": int(centroids.size),
+                     "distinct_in_file_kernel": int(np.unique(deployed).size),
+                     "most_distinct_per_channel": max(int(np.unique(c).size) for c in channels),
+                     "mse_vs_folded_float": float(np.mean((deployed - target) ** 2))})
+    return pd.DataFrame(rows).set_index("way")
+
+
 def export_tflite(model, name: str, directory: Path = CLUSTERING_DIR) -> Path:
     """A float32 .tflite of a stripped model (no converter optimizations: the weights stay float32)."""
     return models.save_tflite(model, Path(directory) / f"{name}.tflite")
@@ -384,13 +436,13 @@ def export_tflite(model, name: str, directory: Path = CLUSTERING_DIR) -> Path:
 
 # ----------------------------------------------------------------------------- the targets
 
-def benchmark(k: int = 16, progress: bool = False) -> dict:
-    """Print and return the issue's targets, measured in one run: the test accuracy lost by
+def benchmark(k: int = 16, progress: bool = False, plan: models.FineTune = PLAN) -> dict:
+    """Print and return the chapter's targets, measured in one run: the test accuracy lost by
     k clusters (LiteRT, float32 files) and how much smaller the gzipped file is."""
     from labkit.data import load_mnist
     splits = load_mnist()
     baseline, _ = models.load_or_train_baseline(splits=splits, progress=progress)
-    clustered, record = cached_cluster(baseline, k, splits, progress=progress)
+    clustered, record = cached_cluster(baseline, k, splits, plan, progress=progress)
     paths = {"baseline": models.baseline_tflite(),
              f"k={k}": export_tflite(clustered, f"clustered-k{k}-{models.weights_key(clustered)}")}
     table, _ = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_test[:100],
@@ -403,10 +455,11 @@ def benchmark(k: int = 16, progress: bool = False) -> dict:
     print(f"machine: {measure.machine_string()}")
     print(f"test accuracy: baseline {100 * out['baseline_test_accuracy']:.2f}%, {k} clusters "
           f"{100 * out['clustered_test_accuracy']:.2f}% -> drop {out['accuracy_drop_points']:.2f} points "
-          f"(target <= 0.30): {'met' if out['accuracy_drop_points'] <= 0.3 else 'MISSED'}")
+          f"(target <= {TARGET_DROP_POINTS:.2f}): "
+          f"{'met' if out['accuracy_drop_points'] <= TARGET_DROP_POINTS else 'MISSED'}")
     print(f"gzipped .tflite: baseline {out['baseline_gzip_bytes']:,} B, {k} clusters "
-          f"{out['clustered_gzip_bytes']:,} B -> {out['gzip_smaller']:.2f}x smaller (target >= 3x): "
-          f"{'met' if out['gzip_smaller'] >= 3 else 'MISSED'}")
+          f"{out['clustered_gzip_bytes']:,} B -> {out['gzip_smaller']:.2f}x smaller (target >= {TARGET_GZIP_SMALLER:g}x): "
+          f"{'met' if out['gzip_smaller'] >= TARGET_GZIP_SMALLER else 'MISSED'}")
     return out
 
 

@@ -6,7 +6,7 @@ Owns the arithmetic of quantization, before any converter is involved:
    (reals to integer codes) and `dequantize` (codes back to reals);
 2. a non-uniform quantizer: a k-means codebook (the 1-D k-means is `clustering.kmeans`);
 3. `fake_quantize`, `sqnr_db` and `weight_sweep`: what each scheme and bit width does to the
-   baseline's weights;
+   baseline's weights; `integer_matmul_terms`: why weights get zero point 0;
 4. activation calibration (min/max, percentile, MSE) and what a single outlier does to each.
 
 The converters and quantization-aware training that apply this arithmetic to a whole model are
@@ -169,6 +169,23 @@ def fake_quantize(x: np.ndarray, bits: int, scheme: str = "affine", axis: int | 
         return kmeans_quantize(x, bits, axis)
     params = (affine_params if scheme == "affine" else symmetric_params)(x, bits, axis)
     return dequantize(quantize(x, params), params)
+
+
+def integer_matmul_terms(x_q: np.ndarray, x_zero_point: int, w_q: np.ndarray, w_zero_point: int = 0) -> dict:
+    """(x_q - z_x) @ (w_q - z_w) expanded into its four terms, each int64 of shape (batch, out) (notebook 04).
+
+    Only the first two depend on the input. The last two depend on the weights alone, so an integer
+    kernel adds them to the bias once, when the model loads. With z_w = 0, as TFLite's symmetric weights
+    have, the second term (a sum over each input row, at every call) and the fourth vanish.
+    """
+    x, w = np.asarray(x_q, np.int64), np.asarray(w_q, np.int64)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"x_q must be (batch, in) and w_q (in, out), got {x.shape} and {w.shape}")
+    full = np.zeros((x.shape[0], w.shape[1]), np.int64)
+    return {"x_q @ w_q": x @ w,
+            "- z_w * sum_k x_q (each call)": full - w_zero_point * x.sum(axis=1, keepdims=True),
+            "- z_x * sum_k w_q (at load)": full - x_zero_point * w.sum(axis=0, keepdims=True),
+            "+ K * z_x * z_w (at load)": full + x.shape[1] * x_zero_point * w_zero_point}
 
 
 def sqnr_db(x: np.ndarray, x_hat: np.ndarray) -> float:

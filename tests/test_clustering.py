@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from labkit import clustering, measure, models
+from labkit import clustering, graph, measure, models
 
 
 def mixture(seed=0):
@@ -124,6 +124,35 @@ def test_starts_agree_with_tfmot(tiny_model):
     # tfmot's own gathered kernel has exactly the error our nearest-centroid assignment predicts
     np.testing.assert_allclose(table["tfmot_kernel_mse"], table["tfmot_start_mse"], rtol=1e-4)
     assert (table["numpy_kmeans_mse"] <= table["numpy_start_mse"]).all()
+
+
+def test_tfmot_skips_a_conv_without_bias_per_channel_and_labkit_says_why(tiny_model):
+    """tfmot 0.8.1 counts a Conv2D's channels with its last trainable weight, taken for the bias: a conv
+    before a batch norm has none, so cluster_per_channel leaves it unwrapped with only a warning."""
+    import warnings
+    layer = models.clone_with_weights(tiny_model).get_layer("conv2")
+    assert not layer.use_bias
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = tfmot.clustering.keras.cluster_weights(layer, number_of_clusters=4, cluster_per_channel=True)
+    assert type(result).__name__ == "Conv2D" and "per-channel" in str(caught[-1].message)
+    with pytest.raises(ValueError, match="needs a Conv2D with a bias"):
+        clustering.tfmot_layer_clusters(tiny_model, "conv2", 4, per_channel=True)
+    with pytest.raises(ValueError, match="more than the 9 weights"):   # conv1: 3 x 3 x 1 per channel
+        clustering.tfmot_layer_clusters(graph.fold_batchnorm(tiny_model), "conv1", 16, per_channel=True)
+
+
+def test_folding_and_codebooks(tiny_bn_model):
+    """Notebook 03 section 5: folding spreads a per-tensor codebook; folding first keeps k values in the
+    file; per channel keeps k per channel, with k centroids for each channel."""
+    k, channels = 4, models.kernel(tiny_bn_model, "conv2").shape[-1]
+    table = clustering.folding_and_codebooks(tiny_bn_model, "conv2", k)
+    spread, folded_first, per_channel = table.index
+    assert table.loc[spread, "distinct_in_file_kernel"] > k
+    assert table.loc[folded_first, "distinct_in_file_kernel"] <= k
+    assert (table["most_distinct_per_channel"] <= k).all()
+    assert table.loc[per_channel, "centroids_stored"] == k * channels
+    assert table.loc[per_channel, "mse_vs_folded_float"] < table.loc[folded_first, "mse_vs_folded_float"]
 
 
 # ----------------------------------------------------------------------------- whole model

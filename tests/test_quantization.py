@@ -134,6 +134,19 @@ def test_uniform_error_bound_zero_exact_and_code_range(scheme, axis, bits):
         assert np.abs(q).max() == p.qmax, "the largest |x| maps to the last code"
 
 
+def test_integer_matmul_terms_add_up_and_zero_point_0_drops_the_per_call_term():
+    rng = np.random.default_rng(0)
+    x_q, w_q = rng.integers(-128, 128, (3, 20)), rng.integers(-127, 128, (20, 5))
+    for w_zero_point in (0, 4):
+        terms = qz.integer_matmul_terms(x_q, -7, w_q, w_zero_point)
+        assert all(t.shape == (3, 5) for t in terms.values())
+        np.testing.assert_array_equal(sum(terms.values()), (x_q + 7) @ (w_q - w_zero_point))
+    per_call = [name for name in terms if "each call" in name]
+    assert not qz.integer_matmul_terms(x_q, -7, w_q, 0)[per_call[0]].any()
+    with pytest.raises(ValueError, match="must be"):
+        qz.integer_matmul_terms(x_q, 0, w_q.T)
+
+
 def test_per_channel_beats_per_tensor_on_unequal_channels():
     x = (RNG.normal(size=(300, 8)) * np.geomspace(0.01, 1, 8)).astype(np.float32)
     for scheme in qz.SCHEMES:
