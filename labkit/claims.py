@@ -70,18 +70,19 @@ def likely_reason(knobs: Knobs | None, timing: bool) -> str:
 
 
 def claim(holds, what: str, measured: str = "", *, expected: str = "", timing: bool = False,
-          knobs: Knobs | None = None) -> bool:
+          knobs: Knobs | None = None) -> None:
     """State what a measurement shows. Strict mode raises ClaimError when it does not hold; a
-    learner's session shows a note and returns False. `timing=True` marks a claim about speed."""
+    learner's session shows a note and goes on. `timing=True` marks a claim about speed.
+    Returns None, so a cell that ends with a claim prints nothing more."""
     if bool(holds):
-        return True
+        return None
     figures = "; ".join(part for part in (f"measured: {measured}" if measured else "",
                                            f"the book expects: {expected}" if expected else "") if part)
     if strict():
         raise ClaimError(f"claim did not hold: {what}" + (f" ({figures})" if figures else ""))
     reason = likely_reason(knobs, timing)
     _show_note(what, figures, reason)
-    return False
+    return None
 
 
 def _show_note(what: str, figures: str, reason: str) -> None:
