@@ -1,19 +1,16 @@
 """LiteRT's own quantizer, ai-edge-quantizer, on a .tflite file (notebook 04b; the pipeline and the search call it).
 
 Owns the tool's side of quantization, next to the converter of `labkit/quantization.py`:
-
-1. `Rule` and `Recipe`: per-op, per-layer settings (weight-only, dynamic, static, float), checked
-   against what the tool supports before it runs; `RECIPES`, the book's named ones;
-2. `quantize(path, recipe)`: a .tflite in, a quantized .tflite out, written by
-   `models.save_tflite` through `models.cached` (keyed by the recipe and the input file's bytes);
-3. reading the result back through `labkit.tflite`: `weight_table` (int4 really packed, at most
-   16 codes per channel or block), `check_against_quantizers` (the tool's int4 scales and codes
-   against `quantizers.symmetric_params` on the same weights), `op_precisions` (what computes in
-   integers, what is dequantized), `validation_report` (the tool's per-tensor comparison);
-4. `tolerant_recipe`: int4 for the layers whose validation accuracy tolerates it, int8 for the
-   rest (the pipeline's "int4-weights" mode and the search's "int4" mode);
-5. `smallest(...)`: the smallest gzipped file over candidate files and recipes, chosen on
-   validation accuracy; `benchmark()` (``python -m labkit.litert_quant``) prints the figures.
+1. `Rule` and `Recipe`: per-op, per-layer settings (weight-only, dynamic, static, float), checked against
+   what the tool supports before it runs; `RECIPES`, the book's named ones;
+2. `quantize(path, recipe)`: a .tflite in, a quantized .tflite out, cached by `models.cached`;
+3. reading the result back through `labkit.tflite`: `weight_table` (int4 really packed, at most 16 codes
+   per channel or block), `check_against_quantizers` (the tool's int4 scales and codes against
+   `quantizers.symmetric_params`), `op_precisions` (what computes in integers, what is dequantized,
+   what XNNPACK runs), `validation_report` (the tool's per-tensor comparison);
+4. `tolerant_recipe`: int4 for the layers whose validation accuracy tolerates it, int8 for the rest;
+5. `smallest(...)`: the smallest gzipped file over candidate files and recipes, chosen on validation
+   accuracy; `benchmark()` (``python -m labkit.litert_quant``) prints the figures.
 """
 from __future__ import annotations
 
@@ -187,8 +184,7 @@ def _images_key(x) -> str | None:
 
 def _samples(path, x: np.ndarray) -> dict:
     """Images as the tool wants them: {signature: [{input name: one image}, ...]}."""
-    name = _signature_input(path)
-    x = np.asarray(x, np.float32)
+    name, x = _signature_input(path), np.asarray(x, np.float32)
     return {"serving_default": [{name: x[i:i + 1]} for i in range(len(x))]}
 
 
@@ -269,17 +265,33 @@ def check_against_quantizers(float_path, quant_path) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("layer")
 
 
-def op_precisions(path) -> pd.DataFrame:
-    """What each op computes in: its input and weight types as stored, and what that means at run time.
+def xnnpack_ops(path) -> set:
+    """Positions (execution order) of the ops XNNPACK takes over. The interpreter lists every op of the
+    file and then one DELEGATE op per partition: walk back from each partition's outputs to its inputs."""
+    nodes = tflite.delegated_ops(path)
+    original, taken = nodes[nodes["op"] != "DELEGATE"], set()
+    producer = {t: i for i, outputs in zip(original.index, original["outputs"]) for t in outputs}
+    for partition in nodes[nodes["op"] == "DELEGATE"].itertuples():
+        waiting, inputs = list(partition.outputs), set(partition.inputs)
+        while waiting:
+            i = producer.get(t := waiting.pop())
+            if t not in inputs and i is not None and i not in taken:
+                taken.add(i)
+                waiting.extend(original.loc[i, "inputs"])
+    return taken
 
-    "integer": integer activations and weights. "float, weights dequantized": a DEQUANTIZE op
-    widens the weights to float32 when the model runs (LiteRT folds it once, on the first
-    invocation). "hybrid": integer weights, float activations quantized on the fly inside the op.
+
+def op_precisions(path) -> pd.DataFrame:
+    """What each op computes in (its input and weight types as stored) and what runs it (XNNPACK or not).
+
+    "integer": integer activations and weights. "float, weights dequantized": a DEQUANTIZE op widens the
+    weights to float32, once (XNNPACK takes int8 ones at load time; LiteRT 2.3's built-in kernel, which runs
+    int4 ones, on the first invocation, then keeps the result). "hybrid": integer weights, float activations
+    quantized on the fly inside the op. runs_on: "XNNPACK", or "built-in kernel" where XNNPACK left the op.
     """
-    stored = tflite.stored_tensors(path)
-    table = tflite.ops(path)
+    stored, table = tflite.stored_tensors(path), tflite.ops(path)
     made_by_dequantize = {o[0] for o in table.loc[table["op"] == "DEQUANTIZE", "outputs"]}
-    rows = []
+    delegated, rows = xnnpack_ops(path), []
     for row in table.itertuples():
         activation = stored.loc[row.inputs[0], "type"]
         weight = stored.loc[row.inputs[1], "type"] if row.op in tflite.WEIGHT_OPS else ""
@@ -293,7 +305,8 @@ def op_precisions(path) -> pd.DataFrame:
             kind = "integer"
         else:
             kind = "float" if activation == "FLOAT32" else activation.lower()
-        rows.append({"op": row.op, "input": activation, "weights": weight, "computes_in": kind})
+        rows.append({"op": row.op, "input": activation, "weights": weight, "computes_in": kind,
+                     "runs_on": "XNNPACK" if row.Index in delegated else "built-in kernel"})
     return pd.DataFrame(rows)
 
 
@@ -312,12 +325,10 @@ def validation_report(float_path, quant_path, x: np.ndarray) -> pd.DataFrame:
         result = tool.validate(_samples(float_path, x), error_metrics=[vu.ValidationErrorMetric.MSE,
                                                                       vu.ValidationErrorMetric.SNR],
                                num_threads=1).get_signature_comparison_result()
-    rows = []
-    for kind in ("input", "output", "constant", "intermediate"):
-        for name, metrics in getattr(result, f"{kind}_tensors").items():
-            rows.append({"tensor": name, "kind": kind, "layer": tflite.layer_like(name) or "",
-                         "mse": metrics["mse"],
-                         "snr_db": 10 * np.log10(max(metrics["snr"], 1e-12))})
+    rows = [{"tensor": name, "kind": kind, "layer": tflite.layer_like(name) or "", "mse": metrics["mse"],
+             "snr_db": 10 * np.log10(max(metrics["snr"], 1e-12))}
+            for kind in ("input", "output", "constant", "intermediate")
+            for name, metrics in getattr(result, f"{kind}_tensors").items()]
     return pd.DataFrame(rows).sort_values("snr_db").reset_index(drop=True)
 
 
@@ -438,41 +449,34 @@ def benchmark(repeats: int = 300, threads: int = 1, smallest_figures: bool = Tru
         paths.update({f"smallest-at-{label}": row["artifact"] for label, row in found["chosen"].items()})
     table, latency = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_val[:200],
                                           reference=base, repeats=repeats, threads=threads)
-    print(f"machine: {measure.machine_string()}")
-    print(f"LiteRT {threads} thread(s), batch 1, {repeats} interleaved calls each; accuracy on "
-          f"{len(splits.y_test)} test images")
-    with pd.option_context("display.width", 200):
-        print(table.drop(columns="artifact").round(4).to_string())
+    print(f"machine: {measure.machine_string()}\nLiteRT {threads} thread(s), batch 1, {repeats} interleaved "
+          f"calls each; accuracy on {len(splits.y_test)} test images")
+    print(table.drop(columns="artifact").round(4).to_string())
     out.update({"table": table, "latency": latency, "paths": paths})
     if not smallest_figures:
         return out
     from labkit import results
     results.record_table(table, latency, "quantization", "04b_litert_quantizer",
                          {f"smallest-at-{label}": f"litert-smallest-at-{label}" for label in found["chosen"]})
-    with pd.option_context("display.width", 200):
-        print("candidates by gzip size (validation accuracy only):")
-        print(found["table"].drop(columns="artifact").head(15).round(4).to_string())
+    print("candidates by gzip size (validation accuracy only):")
+    print(found["table"].drop(columns="artifact").head(15).round(4).to_string())
+    gain = lambda r: f"{table.loc[base, 'gzip_bytes'] / r['gzip_bytes']:.1f}x"   # noqa: E731
     for label, floor in found["floors"].items():
-        target = float(label.rstrip("%")) / 100
-        if "test_accuracy" in found["table"]:
-            seen = found["table"][found["table"]["test_accuracy"] >= target]
-            if len(seen):
-                top = seen.iloc[0]
-                print(f"for reference, picked on the test split (not a fair choice): at test >= {label} the smallest "
-                      f"is {top['candidate']} + {top['recipe']}, "
-                      f"{table.loc[base, 'gzip_bytes'] / top['gzip_bytes']:.1f}x at {top['test_accuracy']:.4f}")
+        seen = found["table"][found["table"]["test_accuracy"] >= float(label.rstrip("%")) / 100]   # test_all=True
+        if len(seen):
+            top = seen.iloc[0]
+            print(f"for reference, picked on the test split (not a fair choice): at test >= {label} the smallest "
+                  f"is {top['candidate']} + {top['recipe']}, {gain(top)} at {top['test_accuracy']:.4f}")
         if label not in found["chosen"]:
             best = found["table"].sort_values("val_accuracy").iloc[-1]
             print(f"at test >= {label}: no candidate reaches the validation floor {floor}; the most accurate on "
-                  f"validation is {best['candidate']} + {best['recipe']} ({best['val_accuracy']:.4f}, "
-                  f"{table.loc[base, 'gzip_bytes'] / best['gzip_bytes']:.1f}x)")
+                  f"validation is {best['candidate']} + {best['recipe']} ({best['val_accuracy']:.4f}, {gain(best)})")
             continue
         row = found["chosen"][label]
         print(f"smallest at test >= {label}: {row['candidate']} + {row['recipe']}: {row['gzip_bytes']} B gzipped = "
-              f"{table.loc[base, 'gzip_bytes'] / row['gzip_bytes']:.1f}x smaller, validation {row['val_accuracy']:.4f} "
-              f"(floor {floor}), test {row['test_accuracy']:.4f}")
-        limits = tflite.structure_bytes(row["artifact"])
-        weights = weight_table(row["artifact"])
+              f"{gain(row)} smaller, validation {row['val_accuracy']:.4f} (floor {floor}), "
+              f"test {row['test_accuracy']:.4f}")
+        limits, weights = tflite.structure_bytes(row["artifact"]), weight_table(row["artifact"])
         print(f"  its bytes: {limits['structure_bytes']} of graph, names and quantization parameters "
               f"({limits['structure_gzip_bytes']} gzipped, with no weight at all), {limits['data_bytes']} of tensor "
               f"data, of which {int(weights['stored_bytes'].sum())} hold the {int(weights['weights'].sum())} weights "

@@ -270,6 +270,21 @@ def measure_latency(runners, images: np.ndarray, *, warmup: int = 10, repeats: i
     return Latency(samples, {r.name: r.timed for r in runners}, {r.name: r.threads for r in runners})
 
 
+def first_calls(path, images: np.ndarray, calls: int = 50, xnnpack: bool = True) -> dict:
+    """A fresh LiteRT interpreter's first call against its later ones, in us (notebook 04b): work an op
+    does once, at the first invoke (LiteRT's DEQUANTIZE of constant weights), shows as a slow first call."""
+    if calls < 3:
+        raise ValueError(f"calls must be at least 3 (the first, the second, and later ones), got {calls}")
+    runner, images = litert(path, xnnpack=xnnpack), np.ascontiguousarray(images, dtype=np.float32)
+    times = []
+    for i in range(calls):
+        x = images[i % len(images)][None]
+        start = time.perf_counter_ns()
+        runner(x)
+        times.append((time.perf_counter_ns() - start) / 1e3)
+    return {"first_call_us": times[0], "second_call_us": times[1], "later_p50_us": float(np.median(times[2:]))}
+
+
 def measure_throughput(runners, images: np.ndarray, batch_size: int = 256, rounds: int = 3,
                        seed: int = 0) -> pd.Series:
     """Images per second at `batch_size` over all of `images`; the median of interleaved rounds."""

@@ -107,17 +107,17 @@ def apply_masks(model, masks: dict):
 
 
 def tfmot_masks(model, sparsity) -> dict:
-    """The masks tfmot computes for `model`'s current weights, without any training step: each layer
-    wrapped with ConstantSparsity(sparsity, begin_step=0), its step set to 0, tfmot's mask update run once."""
+    """The masks tfmot computes for `model`'s current weights, without training: each layer wrapped with
+    ConstantSparsity(sparsity, begin_step=0), its step set to 0, tfmot's mask update run once. tfmot has no
+    public "compute the mask now" call (it updates masks only inside a training step), so this reaches in."""
     targets = sparsity if isinstance(sparsity, dict) else {n: sparsity for n in models.weight_layers(model)}
     wrapped = wrap(model, {name: constant_schedule(s, frequency=1) for name, s in targets.items()})
     wrapped(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)  # build the masks
     masks = {}
-    for layer in wrapped.layers:
-        if isinstance(layer, PruneLowMagnitude):
-            layer.pruning_step.assign(0)
-            layer.pruning_obj.conditional_mask_update()
-            masks[layer.layer.name] = layer.pruning_vars[0][1].numpy().astype(bool)
+    for layer in (layer for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude)):
+        layer.pruning_step.assign(0)
+        layer.pruning_obj.conditional_mask_update()   # what the wrapper's call runs in a training step
+        masks[layer.layer.name] = layer.pruning_vars[0][1].numpy().astype(bool)
     return masks
 
 

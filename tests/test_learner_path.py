@@ -10,6 +10,7 @@ from labkit import book, results
 
 # One knob per notebook whose change does not retrain for minutes: (notebook, the line a learner adds).
 KNOB_TURNS = {
+    "02": "mask_knobs.sparsity = 0.6",
     "03": "knobs.k = 32",
     "04": "knobs.bits = 6",
     "05": 'grappler_knobs.passes = ("constfold", "arithmetic", "dependency")',

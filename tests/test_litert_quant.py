@@ -68,6 +68,19 @@ def test_op_precisions_say_what_computes_in_integers(tmp_path, tiny_tflite, spli
     assert dynamic[dynamic["op"].isin(tflite.WEIGHT_OPS)]["computes_in"].str.startswith("hybrid").all()
 
 
+def test_xnnpack_takes_int8_dequantize_but_leaves_int4_to_builtin_kernels(tmp_path, tiny_tflite, tiny_int4):
+    """LiteRT 2.3: XNNPACK takes a weight-only int8 file whole; an int4 file's DEQUANTIZE ops stay outside,
+    and so do the convolutions and matrix multiplies that read them (notebook 04b, section 3)."""
+    assert set(lq.op_precisions(tiny_tflite)["runs_on"]) == {"XNNPACK"}
+    int8 = lq.op_precisions(lq.quantize(tiny_tflite, "weight-int8", directory=tmp_path))
+    assert (int8["runs_on"] == "XNNPACK").all()
+    int4 = lq.op_precisions(tiny_int4)
+    outside = int4[int4["runs_on"] == "built-in kernel"]
+    assert set(outside["op"]) == {"DEQUANTIZE", *tflite.WEIGHT_OPS} & set(int4["op"])
+    assert set(int4.loc[int4["op"] == "MAX_POOL_2D", "runs_on"]) == {"XNNPACK"}
+    assert not lq.xnnpack_ops(tiny_int4) & set(outside.index)
+
+
 def test_validation_reports_worst_layer_matches_the_sensitivity(tmp_path, tiny_tflite, tiny_int4, splits):
     report = lq.validation_report(tiny_tflite, tiny_int4, splits.x_val[:20])
     assert {"input", "output", "constant", "intermediate"} <= set(report["kind"])

@@ -58,6 +58,15 @@ def test_latency_is_interleaved_and_summarised(tiny_model, tflite_path, images):
         measure.measure_latency([counting("a"), counting("a")], images)
 
 
+def test_first_calls_separate_the_first_invoke_from_the_later_ones(tflite_path, images):
+    calls = measure.first_calls(tflite_path, images, calls=10)
+    assert set(calls) == {"first_call_us", "second_call_us", "later_p50_us"}
+    assert all(v > 0 for v in calls.values())
+    assert measure.first_calls(tflite_path, images[:2], calls=5, xnnpack=False)["later_p50_us"] > 0
+    with pytest.raises(ValueError, match="at least 3"):
+        measure.first_calls(tflite_path, images, calls=2)
+
+
 def test_throughput_counts_images(images):
     stub = measure.Runner("stub", lambda x: np.zeros((len(x), 10)), "stub")
     rates = measure.measure_throughput([stub], np.zeros((64, 28, 28, 1), np.float32), batch_size=16, rounds=2)
