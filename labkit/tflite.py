@@ -116,8 +116,9 @@ def ops(path) -> pd.DataFrame:
 def delegated_ops(path, num_threads: int = 1) -> pd.DataFrame:
     """The ops as an interpreter with XNNPACK (LiteRT's default CPU delegate) runs them.
 
-    Each op XNNPACK takes over disappears into a DELEGATE op; what stays outside runs on LiteRT's
-    built-in kernels. Columns op, inputs, outputs (tensor indices), in execution order.
+    The interpreter still lists every original op, plus one DELEGATE op per partition XNNPACK took
+    over; which ops a partition holds follows from its inputs and outputs (litert_quant.xnnpack_ops
+    works it out). Columns op, inputs, outputs (tensor indices), in execution order.
     """
     from ai_edge_litert.interpreter import Interpreter
     path = check(path)
