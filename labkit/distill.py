@@ -240,6 +240,26 @@ def compare(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 
     return pd.DataFrame(rows).set_index("student"), students
 
 
+def compare_seeds(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 2.0, 4.0, 8.0),
+                  seeds=(0,), teacher=None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """compare() once per seed (each student trained, or read from the cache, once per seed).
+
+    Returns (table, runs, students): `table` is compare()'s with the accuracies averaged over the
+    seeds, `runs` every seed's rows (a `seed` column), `students` the first seed's models. With
+    one seed (the book's) the table is that seed's own, and the gaps it shows rest on that seed.
+    """
+    per_seed, students = [], None
+    for seed in seeds:
+        table, found = compare(splits, replace(config, seed=int(seed)), temperatures, teacher, progress)
+        per_seed.append(table.assign(seed=int(seed)))
+        students = found if students is None else students
+    runs = pd.concat(per_seed)
+    table = per_seed[0].drop(columns="seed")
+    for column in ("val_accuracy", "test_accuracy"):
+        table[column] = runs.groupby(level=0, sort=False)[column].mean()
+    return table, runs, students
+
+
 def export_tflite(model, config: StudentConfig, directory: Path = DISTILL_DIR) -> Path:
     """A float32 .tflite of a trained student (models.cached: written once per student's weights)."""
     path, _ = models.cached(config.name, {"format": "float32"}, [model], lambda: (model, {}), directory,

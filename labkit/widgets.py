@@ -112,10 +112,15 @@ class Explorer:
         shown = {k: v for k, v in row.items() if k != "pareto" and not pd.isna(v) and v != ""}
         cells = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
                         f"<td>{html.escape(_fmt(v))}</td></tr>" for k, v in shown.items())
-        on_front = "yes" if row["pareto"] else "no (another variant is at least as good on all three)"
+        on_front = "yes" if row["pareto"] else ("no (another variant is at least as good on all three "
+                                                "and strictly better on one)")
         objectives = ", ".join(f"{c} ({s})" for c, s in OBJECTIVES)
+        run = f"notebook {row.get('notebook', '?')}, {row.get('measured_at', '?')}"
         self.details.value = (f"<b>{html.escape(name)}</b><br>on the Pareto frontier of {objectives}: "
-                              f"{on_front}<table>{cells}</table>")
+                              f"{on_front}<br><i>as stored: test accuracy; latency from the timing run of "
+                              f"{html.escape(run)}, so compare latencies across notebooks with care "
+                              "(notebook 07, section 10, re-times every file in one run)</i>"
+                              f"<table>{cells}</table>")
 
     def reload(self, select: str | None = None):
         """Re-read the results store (after a build) and redraw, optionally selecting a variant."""

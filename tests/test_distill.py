@@ -172,3 +172,26 @@ def test_tiny_student_trains_and_caches(tiny_model, tiny_plain_model, splits, tm
     labels_only, record4 = distill.load_or_train_student(replace(config, alpha=1.0), splits, None,
                                                          directory=tmp_path, progress=False)
     assert record4["inputs"] == [] and not np.array_equal(labels_only(x).numpy(), model(x).numpy())
+
+
+def test_compare_seeds_averages_the_accuracies_over_seeds(monkeypatch):
+    """compare() once per seed: the table holds the mean accuracy, runs every seed's row, students the first's."""
+    calls = []
+
+    def fake_compare(splits, config, temperatures, teacher, progress):
+        calls.append(config.seed)
+        names = [replace(config, alpha=1.0).name] + [replace(config, temperature=float(t)).name for t in temperatures]
+        table = pd.DataFrame({"val_accuracy": [0.95 + 0.01 * config.seed] * len(names),
+                              "test_accuracy": [0.96 + 0.02 * config.seed] * len(names), "macs": 100},
+                             index=pd.Index(names, name="student"))
+        return table, {"seed": config.seed}
+
+    monkeypatch.setattr(distill, "compare", fake_compare)
+    config = distill.StudentConfig(conv_filters=(2, 4), dense_units=8)
+    table, runs, students = distill.compare_seeds(None, config, temperatures=(1.0, 4.0), seeds=(0, 1, 2))
+    assert calls == [0, 1, 2] and students == {"seed": 0}
+    assert len(runs) == 9 and sorted(set(runs["seed"])) == [0, 1, 2]
+    assert table["val_accuracy"].tolist() == pytest.approx([0.96] * 3)
+    assert table["test_accuracy"].tolist() == pytest.approx([0.98] * 3) and "seed" not in table
+    one, _, _ = distill.compare_seeds(None, config, temperatures=(4.0,), seeds=(2,))
+    assert one["test_accuracy"].tolist() == pytest.approx([1.0, 1.0])

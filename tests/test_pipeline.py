@@ -88,8 +88,11 @@ def test_final_int8_weights_keep_sparsity_and_clusters(tiny_run):
     assert set(report["dtype"]) == {"int8"}
     for layer in TINY.cluster_layers:
         assert report.loc[layer, "unique_nonzero_max_per_channel"] <= TINY.clusters, report
-    # Dense kernels are quantized per tensor: the k clusters are k int8 values in the whole layer.
+    # tfmot's QAT scheme quantizes Dense kernels per tensor: the k clusters are k int8 values in the whole
+    # layer; Conv2D kernels get one scale per output channel.
     assert report.loc["dense1", "unique_nonzero_layer"] <= TINY.clusters
+    assert report.loc["dense1", "scales"] == 1 and report.loc["logits", "scales"] == 1
+    assert report.loc["conv2", "scales"] == report.loc["conv2", "channels"] == TINY.conv2_filters
     # The zeros are exactly the pruned model's zeros (Keras stores (in, out), the file (out, in)),
     # in conv2 too, although conv1 before it has none (tfmot shares one quantizer between layers).
     in_file = tflite.weights(run.tflite["quantize"], pipeline.WEIGHT_LAYERS)
@@ -98,6 +101,23 @@ def test_final_int8_weights_keep_sparsity_and_clusters(tiny_run):
     assert abs(keras_zeros.mean() - 0.8) < 0.01
     conv_zeros = models.kernel(run.models["prune"], "conv2").transpose(3, 0, 1, 2) == 0  # HWIO -> OHWI
     np.testing.assert_array_equal(in_file["conv2"]["values"] == 0, conv_zeros)
+
+
+def test_codebooks_and_folding(tiny_bn_model, tiny_splits):
+    """Clustering before folding spreads the codebook; folding first keeps k values in the layer; tfmot's
+    cluster_per_channel skips a conv without a bias, and per-channel codebooks survive folding."""
+    k = 4
+    table = pipeline.codebooks_and_folding(tiny_bn_model, tiny_splits, k=k)
+    spread, book = table.loc["cluster per layer, then fold"], table.loc["fold, then cluster per layer (the book)"]
+    assert spread["values_per_channel_max"] <= k < spread["values_in_layer"]
+    assert book["values_in_layer"] <= k and book["codebook_floats"] == k
+    skipped = table.loc["cluster per channel, then fold"]
+    assert not skipped["clustered"] and skipped["relative_error"] == 0.0 and skipped["codebook_floats"] == 0
+    for recipe in ("zero bias, cluster per channel, then fold", "fold, then cluster per channel"):
+        row = table.loc[recipe]
+        assert row["clustered"] and row["values_per_channel_max"] <= k and row["codebook_floats"] == 8 * k
+    assert table.loc["fold, then cluster per channel", "relative_error"] < book["relative_error"]
+    assert table["val_accuracy"].between(0, 1).all()
 
 
 def test_stages_are_cached_by_their_settings(tiny_run, tiny_model, tiny_splits):
@@ -110,6 +130,11 @@ def test_stages_are_cached_by_their_settings(tiny_run, tiny_model, tiny_splits):
     assert ptq.seconds["cluster"] == 0.0 and ptq.seconds["quantize"] > 0.0
     assert ptq.tflite["quantize"] != run.tflite["quantize"]
     assert [stage for stage, _ in seen] == list(pipeline.STAGES)
+    # The converter's full-integer PTQ gives every kernel one scale per output channel, Dense included
+    # (notebook 07, section 6); tfmot's QAT scheme gives a Dense kernel one scale (test above).
+    report = pipeline.weight_report(ptq.tflite["quantize"], TINY.clusters)
+    assert (report["scales"] == report["channels"]).all(), report[["op", "scales", "channels"]]
+    assert report.loc["dense1", "channels"] == TINY.dense_units
 
 
 def test_int4_weights_mode_calls_litert_quant_on_the_clustered_file(tiny_run, tiny_model, tiny_splits):
@@ -153,6 +178,7 @@ def test_measure_stages_record_and_report(tiny_run, tiny_splits, tiny_baseline_t
     assert set(latency.samples_us) == set(table.index)
     # Folding changes nothing the file computes; a dense tensor stores its zeros: only gzip sees pruning.
     assert table.loc["fold", "accuracy"] == pytest.approx(table.loc["baseline", "accuracy"], abs=0.01)
+    assert table.loc["quantize", "val_accuracy"] == pytest.approx(run.val_accuracy["quantize"])   # the targets read it
     assert table.loc["prune", "size_bytes"] == table.loc["thin", "size_bytes"]
     assert table.loc["prune", "gzip_bytes"] < table.loc["thin", "gzip_bytes"]
     assert table.loc["quantize", "size_bytes"] < table.loc["cluster", "size_bytes"] / 2  # int8 weights
@@ -187,7 +213,7 @@ def test_build_and_measure_reuses_the_cached_stages(tiny_run, tiny_model, tiny_s
 # ----------------------------------------------------------------------------- reporting, hand-made
 
 def test_report_figures_from_a_hand_made_stage_table(tmp_path):
-    table = pd.DataFrame({"accuracy": [0.9916, 0.9908], "size_bytes": [1_700_000, 250_000],
+    table = pd.DataFrame({"accuracy": [0.9916, 0.9908], "val_accuracy": [0.9894, 0.9890], "size_bytes": [1_700_000, 250_000],
                           "gzip_bytes": [1_560_000, 40_000], "latency_p50_us": [150.0, 60.0],
                           "latency_p95_us": [200.0, 90.0], "artifact": ["", ""]},
                          index=pd.Index(["baseline", "quantize"], name="variant"))
@@ -212,6 +238,6 @@ def test_report_figures_from_a_hand_made_stage_table(tmp_path):
     assert targets.loc["speedup_p50", "measured"] == pytest.approx(2.5)
     assert targets["met"].all()
     assert targets["measured"].dtype == float and targets["met"].dtype == bool  # so the report can round them
-    missed = pipeline.targets_met(table.assign(accuracy=[0.99, 0.95])).set_index("figure")
+    missed = pipeline.targets_met(table.assign(val_accuracy=[0.99, 0.95])).set_index("figure")
     assert list(missed["met"]) == [False, True, True]
     assert pipeline.report_figures(store, stages_csv=tmp_path / "missing.csv")[1:] == (None, None)

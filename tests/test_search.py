@@ -7,7 +7,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from labkit import models, search, tflite
+from labkit import models, results, search, tflite
 
 
 # ----------------------------------------------------------------------------- the front and dominance
@@ -25,18 +25,32 @@ def test_front_keeps_feasible_rows_and_reads_the_senses():
 
 
 def test_dominance():
-    found = pd.DataFrame({"accuracy": [0.99, 0.98], "gzip_bytes": [10, 5], "latency_p50_us": [20, 5]},
-                         index=["a", "b"])
-    made = pd.DataFrame({"accuracy": [0.99, 0.985], "gzip_bytes": [40, 40], "latency_p50_us": [70, 70]},
+    found = pd.DataFrame({"val_accuracy": [0.99, 0.98, 0.99], "gzip_bytes": [10, 5, 40], "latency_p50_us": [20, 5, 60]},
+                         index=["a", "b", "c"])
+    made = pd.DataFrame({"val_accuracy": [0.99, 0.985], "gzip_bytes": [40, 40], "latency_p50_us": [70, 70]},
                         index=["x", "y"])
     pairs = search.dominance(found, made).set_index(["found", "hand_made"])
     assert pairs.loc[("a", "x"), "dominates"] and pairs.loc[("a", "x"), "better_on"] == 2   # tie on accuracy
     assert pairs.loc[("a", "y"), "better_on"] == 3
     assert not pairs.loc[("b", "x"), "dominates"] and pairs.loc[("b", "x"), "worse_on"] == 1
+    # Pareto dominance, not "better on two": equal on two objectives and better on one is enough
+    assert pairs.loc[("c", "x"), "dominates"] and pairs.loc[("c", "x"), "better_on"] == 1
     summary = search.dominance_summary(pairs.reset_index())
     assert summary.loc["a", "dominates_all"] and not summary.loc["b", "dominates_all"]
     covered = search.coverage(pairs.reset_index())
-    assert covered.to_dict() == {"x": "a", "y": "a"}
+    assert covered.to_dict() == {"x": "a, c", "y": "a, c"}
+
+
+def test_dominance_is_the_pareto_fronts_definition():
+    """One definition in notebooks 07 and 08: a dominates b exactly when b is off results.pareto_front of {a, b}."""
+    rng = np.random.default_rng(0)
+    points = pd.DataFrame({"val_accuracy": rng.choice([0.98, 0.99], 40), "gzip_bytes": rng.choice([10, 20], 40),
+                           "latency_p50_us": rng.choice([5.0, 7.0], 40)})
+    pairs = search.dominance(points, points)
+    for _, pair in pairs.iterrows():
+        two = points.loc[[pair["found"], pair["hand_made"]]].reset_index(drop=True)
+        off_front = not results.pareto_front(two, search.COMPARE_OBJECTIVES).iloc[1]
+        assert pair["dominates"] == (off_front and pair["found"] != pair["hand_made"]), pair
 
 
 def test_pipeline_variants_reads_notebook_07_rows_only():
