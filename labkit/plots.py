@@ -58,12 +58,14 @@ def tradeoff(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy"
 
 
 def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy", size: str = "gzip_bytes",
-                techniques=None, highlight: str | None = None, ylim=None, ax=None, title: str | None = None):
+                techniques=None, highlight: str | None = None, ylim=None, ax=None, title: str | None = None,
+                labels: dict | None = None):
     """Every variant of the store, one colour per technique, the Pareto frontier ringed and numbered.
 
     The frontier is computed over all three objectives (accuracy, latency, gzip size) and over
     the whole table, so a ringed point can look beaten in this two-axis view: it wins on the
-    third axis. `ylim` zooms in; the title says how many variants the zoom leaves out.
+    third axis. `ylim` zooms in; the title says how many variants the zoom leaves out. `labels`
+    renames axes, e.g. {"accuracy": "validation accuracy"} when that column holds validation figures.
     """
     from labkit.results import pareto_front
     table = table.copy()
@@ -76,6 +78,7 @@ def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accura
     else:
         fig = ax.figure
     (x_label, x_factor), (y_label, y_factor) = axis(x), axis(y)
+    x_label, y_label = (labels or {}).get(x, x_label), (labels or {}).get(y, y_label)
     lines = []
     if not table.empty:
         px, py = table[x].astype(float) * x_factor, table[y].astype(float) * y_factor

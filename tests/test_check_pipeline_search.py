@@ -103,7 +103,7 @@ DOMINATES_WRONG = {
     "per-objective answers": (lambda a, b: [a[0] >= b[0], a[1] <= b[1], a[2] <= b[2]], "one True or False"),
     "forgot return": (lambda a, b: None, "forget the `return`"),
     "a string": (lambda a, b: "yes", "return True or False"),
-    "better on two, worse on none": (  # the search's dominance_summary rule, not Pareto dominance
+    "better on two, worse on none": (  # a stricter rule than Pareto dominance
         lambda a, b: solutions.dominates(a, b) and sum(np.array(a) * [-1, 1, 1] < np.array(b) * [-1, 1, 1]) >= 2,
         "a dominates b when"),
 }
