@@ -14,6 +14,7 @@ KNOB_TURNS = {
     "03": "knobs.k = 32",
     "04": "knobs.bits = 6",
     "05": 'grappler_knobs.passes = ("constfold", "arithmetic", "dependency")',
+    "07": "knobs.clusters = 8",
 }
 
 
