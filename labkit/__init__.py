@@ -53,7 +53,8 @@ def quiet_stderr():
 # C++ lines that TensorFlow and LiteRT print straight to file descriptor 2 and that say nothing
 # a learner can act on; they would show up as red blocks in every notebook.
 NATIVE_NOISE = (b"use_unbounded_threadpool", b"XNNPACK delegate for CPU", b"absl::InitializeLog",
-                b"cudart_stub", b"cuInit", b"oneDNN custom operations", b"Could not find cuda")
+                b"cudart_stub", b"cuInit", b"oneDNN custom operations", b"Could not find cuda",
+                b"oneDNN supports DT_INT64 only on platforms with AVX-512")
 _stderr_filter_on = False
 
 
