@@ -35,8 +35,12 @@ MANIFEST = "kit-manifest.json"
 # The libraries whose versions decide whether a cached model is still valid: tf-keras writes the
 # .keras files, TensorFlow's converter and tfmot shape the .tflite files and their cache keys.
 VERSIONED = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "ai-edge-quantizer", "numpy")
-PLATFORMS = {"linux": "manylinux_2_27_x86_64", "linux-arm": "manylinux_2_27_aarch64", "mac": "macosx_12_0_arm64",
-             "windows": "win_amd64"}
+# pip download takes one platform tag per --platform; a learner's pip accepts any older manylinux tag too,
+# so the kit asks for each that wheels on PyPI carry (glibc 2.28 or newer: Debian 10, Ubuntu 20.04 on).
+PLATFORMS = {"linux": ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                       "manylinux2014_x86_64"),
+             "linux-arm": ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"),
+             "mac": ("macosx_12_0_arm64", "macosx_11_0_arm64"), "windows": ("win_amd64",)}
 
 
 class KitError(Exception):
@@ -104,9 +108,10 @@ def download_commands(out: Path, pythons, platforms) -> list[list[str]]:
     commands = []
     for python in pythons:
         for platform in platforms:
-            tag = PLATFORMS.get(platform, platform)
+            tags = PLATFORMS.get(platform, (platform,))
             commands.append([sys.executable, "-m", "pip", "download", "--dest", str(out / "wheels"),
-                             "--only-binary=:all:", "--python-version", python, "--platform", tag,
+                             "--only-binary=:all:", "--python-version", python,
+                             *[arg for tag in tags for arg in ("--platform", tag)],
                              "setuptools>=68", "wheel", *requirements()])
     return commands
 

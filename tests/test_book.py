@@ -222,6 +222,9 @@ def test_no_labkit_import_starts_tensorflows_runtime():
 SETUP_EXEMPT = {
     "labkit.lab": "replaces its process with JupyterLab (os.execv): nothing setup() sets would survive",
     "labkit.distributed.ray_serving": "the Ray driver runs LiteRT, never TensorFlow, and draws no random numbers",
+    "labkit.check": "reads notebooks and solution sources into a file; runs no model",
+    "labkit.doctor": "its TensorFlow, LiteRT and Ray probes run in fresh processes that call setup() themselves",
+    "labkit.kit": "copies and checks files; runs no model",
 }
 
 

@@ -101,3 +101,4 @@ def test_pack_refuses_an_empty_artifacts_folder_and_downloads_binary_wheels_per_
     assert len(commands) == 4
     assert all("--only-binary=:all:" in c and "tensorflow==2.21.0" in c for c in commands)
     assert ["--python-version", "3.13", "--platform", "win_amd64"] == commands[-1][7:11]
+    assert commands[0].count("--platform") == len(kit.PLATFORMS["linux"])
