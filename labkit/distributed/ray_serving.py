@@ -151,6 +151,7 @@ def batch_inference(model_path, pixels: np.ndarray, *, address: str | None = Non
         nodes = len(ray.nodes())
         resources = ray.cluster_resources()
     finally:
+        _join_ray_data_threads()
         ray.shutdown()
     index = np.concatenate(index)
     order = np.argsort(index, kind="stable")
@@ -161,6 +162,19 @@ def batch_inference(model_path, pixels: np.ndarray, *, address: str | None = Non
             "steady_throughput_ips": steady, "dataset_seconds": dataset_seconds,
             "seconds_with_startup": time.perf_counter() - start,
             "nodes": nodes, "cpus": resources.get("CPU", 0.0), "address": address or "local"}
+
+
+# Ray Data winds its executor down on background threads after the last batch. One of them still
+# calling into Ray after ray.shutdown() makes Ray end the whole process (a notebook's kernel with it).
+RAY_DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch")
+
+
+def _join_ray_data_threads(timeout_s: float = 15.0) -> None:
+    import threading
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith(RAY_DATA_THREADS):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _dataset(ray, pixels: np.ndarray, block_size: int):
