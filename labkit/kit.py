@@ -16,7 +16,6 @@ Measurements (results/) are not bundled: every number is measured on the machine
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 from labkit import ARTIFACTS_DIR, ROOT
+from labkit.data import sha256_of   # the data file's checksum, reused for the bundle's files
 
 KIT_DIR = ROOT / "build" / "kit"
 MANIFEST = "kit-manifest.json"
@@ -45,14 +45,6 @@ PLATFORMS = {"linux": ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manyli
 
 class KitError(Exception):
     """A bundle that cannot be used as it is; the message says which file and what to do."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def installed_versions() -> dict:
