@@ -58,14 +58,14 @@ class PipelineConfig:
     dense_units: int = 96
     thin_epochs: int = 1
     sparsity: tuple = (("conv2", 0.5), ("dense1", 0.9))   # (layer, fraction of zeros)
-    prune_epochs: int = 2
+    prune_epochs: int = 1
     clusters: int = 16
     cluster_layers: tuple = ("conv2", "dense1", "logits")  # conv1 has 288 weights: not worth it
     cluster_epochs: int = 1
     quantization: str = "pcqat-int8"
     qat_epochs: int = 1
-    finetune_subset: int | None = None  # images for the prune and cluster fine-tunes (None: all)
-    qat_subset: int | None = None       # images for quantization-aware training (None: all)
+    finetune_subset: int | None = None  # images for the prune and cluster fine-tunes (None: all 55,000)
+    qat_subset: int | None = 27_500     # images for quantization-aware training (None: all)
     learning_rate: float = 5e-4
     batch_size: int = 128
     seed: int = 0
