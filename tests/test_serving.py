@@ -138,7 +138,7 @@ def test_endpoint_answers_equal_litert(server, tiny_int8, splits):
     np.testing.assert_array_equal(np.asarray(reply["logits"], np.float32), logits)
     assert reply["predictions"] == np.argmax(logits, axis=1).tolist()
     np.testing.assert_allclose(np.asarray(reply["probabilities"]).sum(axis=1), 1.0, atol=1e-4)
-    health = requests.get(server.url + "/health", timeout=10).json()
+    health = server.wait_healthy(server.deployed["replicas"], timeout_s=10)   # the /health answer
     assert health["status"] == "ok" and health["model"] == tiny_int8.name
 
 
