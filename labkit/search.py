@@ -240,9 +240,15 @@ def optimize(study, evaluate, n_trials: int, accuracy_floor: float, space: Searc
 
 
 def trials_table(study) -> pd.DataFrame:
-    """One row per finished trial: settings, validation accuracy, objectives, feasibility."""
+    """One row per finished trial: settings, validation accuracy, objectives, feasibility.
+
+    `artifact` is the trial's file under this repository (the study stores it relative to the root).
+    """
     rows = [{"trial": t.number, **t.params, **t.user_attrs, "feasible": _constraint(t)[0] <= 0}
             for t in finished(study)]
+    for row in rows:
+        if row.get("artifact"):
+            row["artifact"] = str(labkit.ROOT / row["artifact"])
     return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
 
 
@@ -277,8 +283,9 @@ def run_search(parents: dict, splits, *, n_trials: int = 12, accuracy_floor: flo
 
     def evaluate(settings: Settings) -> dict:
         built = build(settings, parents, splits, plan, float_layers)
-        path = built["artifact"]
-        return {"name": settings.name, "artifact": path, "val_accuracy": built["val_accuracy"],
+        path = built["artifact"]   # the study keeps it relative to the repository: a bundle unpacks anywhere
+        return {"name": settings.name, "artifact": results.relative_artifact(path),
+                "val_accuracy": built["val_accuracy"],
                 "size_bytes": measure.size_bytes(path), "gzip_bytes": measure.gzip_bytes(path),
                 "latency_p50_us": latency_us(path, timing_images), "macs": built["macs"],
                 "build_seconds": built["build_seconds"]}

@@ -86,6 +86,27 @@ def test_our_front_matches_optuna_and_respects_the_floor(tmp_path):
     assert set(trials.loc[~trials["feasible"], "sparsity"]) <= {0.9}   # only the 0.9 points fall below
 
 
+def test_trial_files_follow_the_repository(tiny_model, splits, tmp_path, monkeypatch):
+    """The study stores each trial's file relative to the root, so a bundle unpacked elsewhere finds it."""
+    import labkit
+    first, moved = tmp_path / "instructor", tmp_path / "learner"
+    for root in (first, moved):
+        (root / "artifacts" / "t.tflite").parent.mkdir(parents=True)
+        (root / "artifacts" / "t.tflite").write_bytes(b"x" * 100)
+    monkeypatch.setattr(search, "build", lambda settings, *a, **k: {
+        "artifact": str(labkit.ROOT / "artifacts" / "t.tflite"), "val_accuracy": 0.99, "macs": 1, "build_seconds": 1.0})
+    monkeypatch.setattr(search, "latency_us", lambda path, images: 10.0)
+    for module in (labkit, results):
+        monkeypatch.setattr(module, "ROOT", first)
+    space = search.SearchSpace(model=("tiny",), sparsity=(0.0,), clusters=(0,), quantization=("int8",))
+    study = search.run_search({"tiny": tiny_model}, splits, n_trials=1, space=space,
+                              storage=f"sqlite:///{tmp_path / 's.db'}", progress=False)
+    assert [t.user_attrs["artifact"] for t in search.finished(study)] == ["artifacts/t.tflite"]
+    for module in (labkit, results):
+        monkeypatch.setattr(module, "ROOT", moved)
+    assert list(search.trials_table(study)["artifact"]) == [str(moved / "artifacts" / "t.tflite")]
+
+
 def test_interrupted_search_loses_no_finished_trial(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     calls = []
