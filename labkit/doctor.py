@@ -6,7 +6,6 @@ before a workshop; the instructor reads the FAIL lines. Exits 1 if any check fai
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import platform
 import shutil
 import subprocess
@@ -61,8 +60,8 @@ def check_resources() -> list[dict]:
     free = shutil.disk_usage(ROOT).free
     rows.append(line("ok" if free >= DISK_GIB * GiB else "FAIL", "disk", f"{free / GiB:.1f} GiB free in {ROOT}",
                      "" if free >= DISK_GIB * GiB else f"free at least {DISK_GIB} GiB on this disk"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    from labkit.measure import cpu_model
+    from labkit.measure import cpu_model, usable_cores
+    cores = usable_cores()
     rows.append(line("ok" if cores >= 2 else "warn", "cpu", f"{cpu_model()}, {cores} usable core(s)",
                      "" if cores >= 2 else "one core: the two-thread and multi-worker cells show no speed-up"))
     return rows

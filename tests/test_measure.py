@@ -35,6 +35,21 @@ def test_accuracy_matches_a_direct_count(tiny_model, splits):
         measure.accuracy(measure.keras_call(tiny_model), x, y[:10])
 
 
+def test_accuracy_runs_litert_on_every_core_with_the_same_logits(tflite_path, splits, monkeypatch):
+    x, y = splits.x_test[:300], splits.y_test[:300]
+    for xnnpack in (True, False):
+        one = measure.litert(tflite_path, 1, xnnpack=xnnpack)
+        every = measure.on_every_core(one)
+        assert every.num_threads == measure.usable_cores() and every.xnnpack == xnnpack
+        np.testing.assert_array_equal(every(x), one(x))   # bit for bit, not merely close
+        assert measure.accuracy(one, x, y) == np.mean(np.argmax(one(x), axis=1) == y)
+    other = measure.Runner("not LiteRT", lambda images: images, "nothing")   # left as it is
+    assert measure.on_every_core(other) is other
+    monkeypatch.setattr(measure, "usable_cores", lambda: 1)
+    one = measure.litert(tflite_path, 1)
+    assert measure.on_every_core(one) is one
+
+
 def test_latency_is_interleaved_and_summarised(tiny_model, tflite_path, images):
     calls = []
 
@@ -126,6 +141,11 @@ def test_sizes(tmp_path):
     assert measure.gzip_bytes(tmp_path / "d") == len(gzip.compress(archive.getvalue(), 9, mtime=0))
     os.utime(tmp_path / "d" / "a", (1, 1))  # a new time stamp changes nothing
     assert measure.gzip_bytes(tmp_path / "d") == len(gzip.compress(archive.getvalue(), 9, mtime=0))
+    # a file is gzipped once per version: a file replaced at the same path is measured again
+    other = np.random.default_rng(1).bytes(20000)
+    (tmp_path / "g.bin").write_bytes(other)
+    os.replace(tmp_path / "g.bin", tmp_path / "f.bin")
+    assert measure.gzip_bytes(tmp_path / "f.bin") == len(gzip.compress(other, 9, mtime=0))
 
 
 def test_params_and_macs_by_hand():
