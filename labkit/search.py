@@ -68,6 +68,10 @@ def large_layers(model) -> list:
     return models.weight_layers(model, min_weights=PRUNE_MIN_WEIGHTS)
 
 
+# A trial's pruning fine-tune: notebook 02's plan (one pass over the first 20,000 training images).
+PLAN = pruning.UNSTRUCTURED_PLAN
+
+
 def pruned(parent, sparsity: float, splits, plan: models.FineTune, directory: Path, progress: bool = False):
     """pruning.prune of the large layers through pruning.cached_prune (keyed by the parent's weights).
 
@@ -81,7 +85,7 @@ def pruned(parent, sparsity: float, splits, plan: models.FineTune, directory: Pa
     return model
 
 
-def build(settings: Settings, parents: dict, splits, plan: models.FineTune = models.FineTune(),
+def build(settings: Settings, parents: dict, splits, plan: models.FineTune = PLAN,
           float_layers=("conv1", "logits"), directory: Path = SEARCH_DIR / "trials", progress: bool = False) -> dict:
     """The .tflite of one search point and its validation accuracy, cached by settings and parent weights.
 
@@ -261,7 +265,7 @@ def front(trials: pd.DataFrame, objectives=OBJECTIVES) -> pd.DataFrame:
 
 
 def run_search(parents: dict, splits, *, n_trials: int = 12, accuracy_floor: float = 0.985,
-               space: SearchSpace = SearchSpace(), plan: models.FineTune = models.FineTune(),
+               space: SearchSpace = SearchSpace(), plan: models.FineTune = PLAN,
                float_layers=("conv1", "logits"), study_name: str | None = None, storage: str | None = None,
                progress: bool = True):
     """The book's search: build and measure each sampled variant; returns the Optuna study.
