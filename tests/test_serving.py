@@ -23,6 +23,16 @@ from labkit.serving.app import ClientError, parse_images  # noqa: E402
 LOOPBACK_IPS = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 
 
+def test_a_process_that_imports_ray_builds_no_iri_parser():
+    """Every Serve replica and Ray worker is a new process that imports Ray. jsonschema 4.25+ makes that
+    import build rfc3987-syntax's parsers (a second of CPU each); pyproject.toml keeps jsonschema below."""
+    code = "import sys, ray; print('rfc3987_syntax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False", ("importing Ray loaded rfc3987_syntax: reinstall with pip install -e . "
+                                           "so that jsonschema is below 4.25, as pyproject.toml asks")
+
+
 def image_list(n=1, value=0.5):
     return np.full((n, 28, 28), value).tolist()
 
