@@ -64,7 +64,7 @@ class PipelineConfig:
     cluster_epochs: int = 1
     quantization: str = "pcqat-int8"
     qat_epochs: int = 1
-    finetune_subset: int | None = None  # images for the prune and cluster fine-tunes (None: all 55,000)
+    finetune_subset: int | None = 27_500  # images for the prune and cluster fine-tunes (None: all 55,000)
     qat_subset: int | None = 27_500     # images for quantization-aware training (None: all)
     learning_rate: float = 5e-4
     batch_size: int = 128
