@@ -20,7 +20,7 @@ from labkit.serving import load
 
 SERVING_TABLE = RESULTS_DIR / "serving.csv"
 SLO_P99_MS = 100.0          # the service-level objective notebook 09 uses: p99 under 100 ms
-DEFAULT_RATES_RPS = (25, 150, 250)
+DEFAULT_RATES_RPS = (25, 75, 150, 250)
 
 
 # ----------------------------------------------------------------------------- the model itself
