@@ -7,6 +7,7 @@ noisy neighbour or a clock change hits them all alike.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -47,6 +48,11 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[package] = "not installed"
     return out
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container or `taskset` can allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def machine_info() -> dict:
@@ -197,11 +203,6 @@ def litert(path, num_threads: int | None = 1, xnnpack: bool = True, name: str | 
 
 
 # ----------------------------------------------------------------------------- accuracy
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container or `taskset` can allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
 
 def on_every_core(runner: Callable) -> Callable:
     """For an accuracy pass: a LiteRT runner re-opened with one thread per usable core, else `runner`.
@@ -372,30 +373,26 @@ def size_bytes(path) -> int:
     return path.stat().st_size
 
 
-_GZIPPED: dict = {}   # (path, inode, size, mtime) -> gzip bytes: notebooks ask again for the same file
+@functools.lru_cache(maxsize=1024)
+def _gzip_file_bytes(path: str, inode: int, size: int, mtime_ns: int) -> int:
+    """gzip -9 bytes of one version of a file (the arguments name the version; notebooks ask again)."""
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
 
 
 def gzip_bytes(path) -> int:
     """Bytes after gzip -9 of a file, or of a deterministic tar of a directory."""
     path = Path(path)
-    if path.is_file():
+    if not path.is_dir():   # a file (a missing one raises FileNotFoundError here)
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if key not in _GZIPPED:
-            _GZIPPED[key] = len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
-        return _GZIPPED[key]
-    if path.is_dir():
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                info = tar.gettarinfo(str(f), arcname=str(f.relative_to(path)))
-                info.mtime = 0
-                with open(f, "rb") as fh:
-                    tar.addfile(info, fh)
-        data = buffer.getvalue()
-    else:
-        data = path.read_bytes()
-    return len(gzip.compress(data, compresslevel=9, mtime=0))
+        return _gzip_file_bytes(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            info = tar.gettarinfo(str(f), arcname=str(f.relative_to(path)))
+            info.mtime = 0
+            with open(f, "rb") as fh:
+                tar.addfile(info, fh)
+    return len(gzip.compress(buffer.getvalue(), compresslevel=9, mtime=0))
 
 
 # ----------------------------------------------------------------------------- parameters and MACs
