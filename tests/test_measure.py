@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from labkit import measure, models
+from labkit import measure, memory, models
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +170,10 @@ def test_params_and_macs_by_hand():
 
 
 def test_memory_probes(tflite_path):
-    grow = measure.peak_rss_during(lambda: np.ones(50_000_000, np.uint8).sum())
+    grow = memory.peak_rss_during(lambda: np.ones(50_000_000, np.uint8).sum())
     assert grow["rss_growth_bytes"] > 20_000_000
     # the LiteRT arena (tflite.arena_bytes) is tested in test_tflite
-    process = measure.litert_process_memory(tflite_path)
+    process = memory.litert_process_memory(tflite_path)
     assert process["rss_after_inference_bytes"] >= process["rss_runtime_bytes"] > 0
 
 
