@@ -50,6 +50,32 @@ def test_accuracy_runs_litert_on_every_core_with_the_same_logits(tflite_path, sp
     assert measure.on_every_core(one) is one
 
 
+def test_a_files_accuracy_is_computed_once_per_version_and_images(tiny_model, tflite_path, tmp_path, splits,
+                                                                  monkeypatch):
+    x, y = splits.x_test[:200], splits.y_test[:200]
+    path = models.save_tflite(tiny_model, tmp_path / "copy.tflite")
+    first = measure.accuracy(measure.litert(path, 1), x, y)
+    counted = []
+    count_correct = measure._count_correct
+    monkeypatch.setattr(measure, "_count_correct", lambda *args: counted.append(1) or count_correct(*args))
+    assert measure.accuracy(measure.litert(path, 1, name="again"), x, y) == first and counted == []
+    assert measure.accuracy(measure.litert(path, 1), x[:100], y[:100]) >= 0 and len(counted) == 1   # other images
+    flipped = y.copy()
+    flipped[0] = (y[0] + 1) % 10
+    measure.accuracy(measure.litert(path, 1), x, flipped)
+    assert len(counted) == 2   # other labels
+    # another version of the file at the same path (an atomic rewrite) is measured again
+    zeroed = models.clone_with_weights(tiny_model)
+    zeroed.set_weights([np.zeros_like(w) for w in zeroed.get_weights()])
+    models.save_tflite(zeroed, path)
+    assert measure.accuracy(measure.litert(path, 1), x, y) == np.mean(y == 0) and len(counted) == 3
+    # Keras models are counted every time: their weights can change in memory
+    keras_runner = measure.keras_call(tiny_model)
+    measure.accuracy(keras_runner, x, y)
+    measure.accuracy(keras_runner, x, y)
+    assert len(counted) == 5
+
+
 def test_latency_is_interleaved_and_summarised(tiny_model, tflite_path, images):
     calls = []
 
