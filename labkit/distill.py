@@ -212,7 +212,7 @@ def check_student_size(teacher, student) -> float:
 
 # ============================================================================ 5. comparisons
 
-def compare(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 2.0, 4.0, 8.0),
+def compare(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 4.0, 8.0),
             teacher=None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """The same student from labels alone and distilled at each temperature: test and val accuracy.
 
@@ -240,7 +240,7 @@ def compare(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 
     return pd.DataFrame(rows).set_index("student"), students
 
 
-def compare_seeds(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 2.0, 4.0, 8.0),
+def compare_seeds(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 4.0, 8.0),
                   seeds=(0,), teacher=None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """compare() once per seed (each student trained, or read from the cache, once per seed).
 
