@@ -58,9 +58,12 @@ def installed_versions() -> dict:
 
 
 def model_files(artifacts: Path) -> list[Path]:
-    """Every file under artifacts/ worth shipping (not temporary files, not a previous manifest)."""
+    """Every file under artifacts/ worth shipping (not temporary files, not a previous manifest, not
+    the accuracies measure.accuracy kept: a learner's machine measures its own)."""
+    from labkit.measure import ACCURACY_DIR
     return sorted(p for p in artifacts.rglob("*") if p.is_file() and p.name != MANIFEST
-                  and not p.name.startswith(".") and not p.name.endswith((".tmp", ".lock")))
+                  and not p.name.startswith(".") and not p.name.endswith((".tmp", ".lock"))
+                  and p.relative_to(artifacts).parts[0] != ACCURACY_DIR.name)
 
 
 # ----------------------------------------------------------------------------- pack

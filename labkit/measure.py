@@ -13,6 +13,7 @@ import functools
 import gzip
 import hashlib
 import io
+import json
 import os
 import platform
 import tarfile
@@ -25,7 +26,9 @@ import labkit  # noqa: F401  (sets the legacy-Keras switch before TensorFlow loa
 import numpy as np
 import pandas as pd
 
-from labkit import tflite
+from labkit import ARTIFACTS_DIR, tflite
+
+ACCURACY_DIR = ARTIFACTS_DIR / "accuracy"   # measured accuracies of .tflite files (no workshop bundle ships them)
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -163,6 +166,7 @@ class LiteRTModel:
         except ValueError as error:
             raise ValueError(f"{self.path} is not a valid .tflite model: {error}") from None
         self.num_threads, self.xnnpack = num_threads, xnnpack
+        self.digest = file_digest(self.path)   # the file as it was when loaded
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.batch = int(self.input["shape"][0])
@@ -211,21 +215,25 @@ def on_every_core(runner: Callable) -> Callable:
     Latency is measured on one thread (a fair, quiet comparison); accuracy is not a timing, and
     LiteRT's kernels split a batch's outputs between threads without changing any sum, so the
     logits are the same bit for bit (tests/test_measure.py checks it) and the pass takes about
-    half the time on two cores.
+    half the time on two cores. A file rewritten since the runner loaded it is not re-opened.
     """
     model = getattr(runner, "model", runner)
     cores = usable_cores()
-    if not isinstance(model, LiteRTModel) or cores == 1 or model.num_threads == cores:
+    if not isinstance(model, LiteRTModel) or cores == 1 or model.num_threads == cores \
+            or file_digest(model.path) != model.digest:
         return runner
     return LiteRTModel(model.path, num_threads=cores, xnnpack=model.xnnpack)
+
+
+def file_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def accuracy(runner: Callable, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
     """Top-1 accuracy over (x, y), run in batches (a LiteRT runner on every core: `on_every_core`).
 
-    A .tflite file's accuracy on the same images is computed once per process: the notebooks
-    compare most files with the baseline's several times, and the answer cannot change until
-    the file does (`_file_accuracy`).
+    A .tflite model's accuracy on the same images is counted once on this machine, however many
+    notebooks compare it (`_file_accuracy`); a Keras model's is counted at every call.
     """
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
@@ -236,7 +244,6 @@ def accuracy(runner: Callable, x: np.ndarray, y: np.ndarray, batch_size: int = 5
 
 
 def _count_correct(runner: Callable, x: np.ndarray, y: np.ndarray, batch_size: int) -> int:
-    runner = on_every_core(runner)
     correct = 0
     for start in range(0, len(x), batch_size):
         logits = runner(np.ascontiguousarray(x[start:start + batch_size]))
@@ -244,20 +251,27 @@ def _count_correct(runner: Callable, x: np.ndarray, y: np.ndarray, batch_size: i
     return correct
 
 
-_FILE_ACCURACY: dict = {}
-
-
 def _file_accuracy(model: LiteRTModel, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
-    """Accuracy of a LiteRT model, remembered under one version of its file (path, inode, size,
-    mtime), its kernels and the bytes of the images and labels."""
-    stat = Path(model.path).stat()
-    digest = hashlib.sha1(np.ascontiguousarray(x).tobytes())
-    digest.update(np.ascontiguousarray(y).tobytes())
-    key = (str(model.path), stat.st_ino, stat.st_size, stat.st_mtime_ns, model.xnnpack, batch_size,
-           x.shape, digest.hexdigest())
-    if key not in _FILE_ACCURACY:
-        _FILE_ACCURACY[key] = _count_correct(model, x, y, batch_size) / len(x)
-    return _FILE_ACCURACY[key]
+    """A LiteRT model's accuracy, kept as artifacts/accuracy/<key>.json (never in a workshop bundle).
+
+    The key hashes everything the count depends on: the bytes of the file as the runner loaded it,
+    its kernels, the LiteRT version, the batch size and the bytes of the images and labels.
+    """
+    key = hashlib.sha256(repr((model.digest, model.xnnpack, batch_size, versions()["ai-edge-litert"],
+                               x.shape, x.dtype.str, y.dtype.str)).encode())
+    key.update(np.ascontiguousarray(x).tobytes())
+    key.update(np.ascontiguousarray(y).tobytes())
+    path = ACCURACY_DIR / f"{key.hexdigest()[:32]}.json"
+    try:
+        return float(json.loads(path.read_text())["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):   # not counted yet, or a damaged entry
+        pass
+    value = _count_correct(on_every_core(model), x, y, batch_size) / len(x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"accuracy": value, "file": str(model.path), "images": len(x)}))
+    tmp.replace(path)
+    return value
 
 
 # ----------------------------------------------------------------------------- latency

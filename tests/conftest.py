@@ -11,6 +11,13 @@ def _setup():
     labkit.setup(seed=0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accuracy_memo(tmp_path, monkeypatch):
+    """Each test counts its own accuracies: measure.accuracy keeps a .tflite file's on disk."""
+    from labkit import measure
+    monkeypatch.setattr(measure, "ACCURACY_DIR", tmp_path / "accuracy")
+
+
 @pytest.fixture(scope="session")
 def splits():
     from labkit.data import load_mnist

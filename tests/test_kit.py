@@ -51,6 +51,14 @@ def rewrite(bundle, out, change):
     return out
 
 
+def test_measured_accuracies_stay_on_the_machine_that_measured_them(tmp_path):
+    (tmp_path / "accuracy").mkdir()
+    (tmp_path / "accuracy" / "0a1b.json").write_text('{"accuracy": 0.99}')
+    (tmp_path / "pruning").mkdir()
+    (tmp_path / "pruning" / "accuracy.tflite").write_bytes(b"a model that happens to be called so")
+    assert kit.model_files(tmp_path) == [tmp_path / "pruning" / "accuracy.tflite"]
+
+
 def test_a_corrupt_partial_or_truncated_bundle_is_refused_naming_the_file(instructor, tmp_path):
     bundle = kit.pack_models(instructor, tmp_path / "kit")
     learner = tmp_path / "learner"

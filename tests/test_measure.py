@@ -50,7 +50,7 @@ def test_accuracy_runs_litert_on_every_core_with_the_same_logits(tflite_path, sp
     assert measure.on_every_core(one) is one
 
 
-def test_a_files_accuracy_is_computed_once_per_version_and_images(tiny_model, tflite_path, tmp_path, splits,
+def test_a_files_accuracy_is_counted_once_per_version_and_images(tiny_model, tflite_path, tmp_path, splits,
                                                                   monkeypatch):
     x, y = splits.x_test[:200], splits.y_test[:200]
     path = models.save_tflite(tiny_model, tmp_path / "copy.tflite")
@@ -64,16 +64,26 @@ def test_a_files_accuracy_is_computed_once_per_version_and_images(tiny_model, tf
     flipped[0] = (y[0] + 1) % 10
     measure.accuracy(measure.litert(path, 1), x, flipped)
     assert len(counted) == 2   # other labels
-    # another version of the file at the same path (an atomic rewrite) is measured again
+    # another version of the file at the same path (an atomic rewrite) is measured again, and a
+    # runner loaded before the rewrite is still counted with the model it loaded
+    loaded_before = measure.litert(path, 1)
     zeroed = models.clone_with_weights(tiny_model)
     zeroed.set_weights([np.zeros_like(w) for w in zeroed.get_weights()])
     models.save_tflite(zeroed, path)
     assert measure.accuracy(measure.litert(path, 1), x, y) == np.mean(y == 0) and len(counted) == 3
+    old_model = np.mean(np.argmax(loaded_before(x[:150]), axis=1) == y[:150])
+    assert old_model != np.mean(y[:150] == 0)   # the two versions are told apart on these images
+    assert measure.accuracy(loaded_before, x[:150], y[:150]) == old_model and len(counted) == 4
+    assert measure.accuracy(measure.litert(path, 1), x[:150], y[:150]) == np.mean(y[:150] == 0)
+    # a damaged entry is counted again and rewritten
+    for entry in measure.ACCURACY_DIR.glob("*.json"):
+        entry.write_text("{not json")
+    assert measure.accuracy(measure.litert(path, 1), x[:150], y[:150]) == np.mean(y[:150] == 0) and len(counted) == 6
     # Keras models are counted every time: their weights can change in memory
     keras_runner = measure.keras_call(tiny_model)
     measure.accuracy(keras_runner, x, y)
     measure.accuracy(keras_runner, x, y)
-    assert len(counted) == 5
+    assert len(counted) == 8
 
 
 def test_latency_is_interleaved_and_summarised(tiny_model, tflite_path, images):
@@ -217,7 +227,7 @@ def test_side_by_side_and_verdicts(tflite_path, tmp_path, splits, images):
     table, latency = measure.side_by_side({"a": tflite_path, "b": copy}, x, y, latency_images=images,
                                           reference="a", repeats=10, warmup=2)
     assert list(table.index) == ["a", "b"] and set(latency.samples_us) == {"a", "b"}
-    assert table.loc["a", "accuracy"] == measure.accuracy(measure.litert(tflite_path), x, y)
+    assert table.loc["a", "accuracy"] == np.mean(np.argmax(measure.litert(tflite_path)(x), axis=1) == y)
     assert table.loc["b", "accuracy"] == table.loc["a", "accuracy"]   # the same bytes
     assert table.loc["b", "gzip_bytes"] == measure.gzip_bytes(tflite_path) and table.loc["b", "gzip_ratio"] == 1
     assert table.loc["a", "speedup_p50"] == 1 and table.loc["b", "latency_p50_us"] == latency.p50("b")
