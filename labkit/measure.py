@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from labkit import ARTIFACTS_DIR, tflite
+from labkit.data import sha256_of   # the one file checksum (the data's, the bundle's, a loaded model's)
 
 ACCURACY_DIR = ARTIFACTS_DIR / "accuracy"   # measured accuracies of .tflite files (no workshop bundle ships them)
 
@@ -166,7 +167,7 @@ class LiteRTModel:
         except ValueError as error:
             raise ValueError(f"{self.path} is not a valid .tflite model: {error}") from None
         self.num_threads, self.xnnpack = num_threads, xnnpack
-        self.digest = file_digest(self.path)   # the file as it was when loaded
+        self.digest = sha256_of(self.path)   # the file as it was when loaded
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.batch = int(self.input["shape"][0])
@@ -220,13 +221,9 @@ def on_every_core(runner: Callable) -> Callable:
     model = getattr(runner, "model", runner)
     cores = usable_cores()
     if not isinstance(model, LiteRTModel) or cores == 1 or model.num_threads == cores \
-            or file_digest(model.path) != model.digest:
+            or sha256_of(model.path) != model.digest:
         return runner
     return LiteRTModel(model.path, num_threads=cores, xnnpack=model.xnnpack)
-
-
-def file_digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def accuracy(runner: Callable, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
