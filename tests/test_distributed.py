@@ -125,10 +125,14 @@ def test_scaling_keeps_each_configurations_best_round_and_alternates_the_order(m
 
 def test_two_workers_predict_each_image_once_and_match_one_process(tiny_model_path, tmp_path):
     limit, repeat = 300, 2
-    run = cluster.run_local(2, tiny_model_path, out=tmp_path, limit=limit, repeat=repeat, batch_size=64,
+    run = cluster.run_local(2, tiny_model_path, out=tmp_path, limit=limit, repeat=repeat, passes=2, batch_size=64,
                             connect_timeout_s=60, run_timeout_s=120)
     index, logits = cluster.gather(run["out"], 2, limit * repeat)
-    assert [r["images"] for r in run["reports"]] == [limit, limit]  # each worker did half
+    assert [r["images"] for r in run["reports"]] == [limit, limit]  # each worker did half, in each pass
+    assert all(len(r["pass_seconds"]) == 2 for r in run["reports"])
+    # a pass lasts until its slowest worker ends, and the fastest pass is the job's time
+    assert run["pass_seconds"] == [max(r["pass_seconds"][p] for r in run["reports"]) for p in (0, 1)]
+    assert run["seconds"] == min(run["pass_seconds"]) and run["throughput_ips"] == limit * repeat / run["seconds"]
     assert all(r["predicted_total"] == limit * repeat for r in run["reports"])  # the all-reduce agrees
     x = np.asarray(load_mnist().x_test[:limit])
     reference = keras.models.load_model(tiny_model_path, compile=False)(x, training=False).numpy()

@@ -1,4 +1,4 @@
-"""The data-parallel scaling benchmark: `python -m labkit.distributed [--repeat 8 --rounds 3]`.
+"""The data-parallel scaling benchmark: `python -m labkit.distributed [--repeat 8 --rounds 3 --passes 2]`.
 
 Prints throughput of the same batch-inference job (the test set, repeated) on 1 and 2 local
 workers with one thread each, and on one worker with two TensorFlow threads, and checks the
@@ -16,6 +16,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=8, help="test-set copies per job (8: 80k images)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each configuration's best counts")
+    parser.add_argument("--passes", type=int, default=2, help="timed passes per launch; the fastest counts")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
     import labkit
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     from labkit.distributed import cluster
     model = cluster.baseline_model_path()
     load_before = os.getloadavg()
-    table, runs = cluster.scaling(model, repeat=args.repeat, rounds=args.rounds, batch_size=args.batch_size)
+    table, runs = cluster.scaling(model, repeat=args.repeat, rounds=args.rounds, passes=args.passes,
+                                  batch_size=args.batch_size)
     load_after = os.getloadavg()
     one, two = cluster.configuration_name(*cluster.ONE_WORKER), cluster.configuration_name(*cluster.TWO_WORKERS)
     threads = cluster.configuration_name(*cluster.ONE_PROCESS_TWO_THREADS)
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} "
           f"on {os.cpu_count()} cores; cpu_share = CPU seconds the workers got / (seconds x workers x threads)")
     print(f"job: {table['images'].iloc[0]} images (test set x {args.repeat}), batch {args.batch_size}, "
-          f"{args.rounds} interleaved rounds")
+          f"{args.rounds} interleaved rounds of {args.passes} timed passes each")
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(pd.DataFrame(runs)[["round", "configuration", "seconds", "throughput_ips", "cpu_share",
                                   "images_per_cpu_second", "load_before"]].round(3).to_string(index=False))
