@@ -300,18 +300,24 @@ class Latency:
 
 
 def measure_latency(runners, images: np.ndarray, *, warmup: int = 10, repeats: int = 100,
-                    seed: int = 0) -> Latency:
+                    budget_s: float | None = None, min_calls: int = 30, seed: int = 0) -> Latency:
     """Batch-1 latency of each runner, interleaved: each round calls every runner once, in a shuffled order.
 
     Warm-up calls (first-call tracing, allocation, caches) are made and discarded first.
     One call is timed with time.perf_counter_ns around the runner, so Python's own call
     overhead is inside the figure, as it is for any Python program that uses the model.
+    With `budget_s`, a runner whose timed calls have taken that many seconds in all, over at
+    least `min_calls` calls, sits out the remaining rounds (a runner at tens of milliseconds a
+    call would otherwise take most of the time); `Latency.summary()`'s `calls` says how many each got.
     """
     runners = list(runners)
     if not runners:
         raise ValueError("measure_latency needs at least one runner")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if budget_s is not None and (not budget_s > 0 or min_calls < 1):
+        raise ValueError(f"budget_s must be positive (None: no budget) and min_calls >= 1, got {budget_s} "
+                         f"and {min_calls}")
     names = [r.name for r in runners]
     if len(set(names)) != len(names):
         raise ValueError(f"runner names must be unique, got {names}")
@@ -321,15 +327,22 @@ def measure_latency(runners, images: np.ndarray, *, warmup: int = 10, repeats: i
     for i in range(warmup):
         for runner in runners:
             runner(singles[i % len(singles)])
-    samples = {name: np.empty(repeats) for name in names}
+    samples = {name: [] for name in names}
+    spent_us = dict.fromkeys(names, 0.0)
+    budget_us = None if budget_s is None else budget_s * 1e6
     for i in range(repeats):
         x = singles[i % len(singles)]
         for j in rng.permutation(len(runners)):
             runner = runners[j]
+            if budget_us is not None and spent_us[runner.name] >= budget_us and len(samples[runner.name]) >= min_calls:
+                continue
             start = time.perf_counter_ns()
             runner(x)
-            samples[runner.name][i] = (time.perf_counter_ns() - start) / 1e3
-    return Latency(samples, {r.name: r.timed for r in runners}, {r.name: r.threads for r in runners})
+            us = (time.perf_counter_ns() - start) / 1e3
+            samples[runner.name].append(us)
+            spent_us[runner.name] += us
+    return Latency({name: np.asarray(us) for name, us in samples.items()},
+                   {r.name: r.timed for r in runners}, {r.name: r.threads for r in runners})
 
 
 def first_calls(path, images: np.ndarray, calls: int = 50, xnnpack: bool = True) -> dict:

@@ -2,6 +2,7 @@ import gzip
 import io
 import os
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -107,6 +108,29 @@ def test_latency_is_interleaved_and_summarised(tiny_model, tflite_path, images):
     assert real.p50("LiteRT XNNPACK 1 thread(s)") > 0
     with pytest.raises(ValueError, match="unique"):
         measure.measure_latency([counting("a"), counting("a")], images)
+
+
+def test_a_latency_budget_stops_only_the_slow_runner_after_its_minimum_calls(images):
+    calls = []
+
+    def stub(name, seconds):
+        def fn(x):
+            calls.append(name)
+            time.sleep(seconds)
+            return np.zeros((len(x), 10))
+        return measure.Runner(name, fn, "a test stub")
+
+    latency = measure.measure_latency([stub("slow", 0.004), stub("fast", 0.0)], images, warmup=1, repeats=40,
+                                      budget_s=0.01, min_calls=5)
+    summary = latency.summary()
+    assert summary.loc["fast", "calls"] == 40 and summary.loc["slow", "calls"] == 5   # 5 x 4 ms > 10 ms
+    timed = calls[2:]
+    assert timed[:10].count("slow") == 5 and "slow" not in timed[10:]   # interleaved until its budget ran out
+    assert summary.loc["slow", "latency_p50_us"] >= 4000
+    assert measure.measure_latency([stub("slow", 0.004)], images, warmup=0, repeats=8, budget_s=0.01,
+                                   min_calls=8).summary().loc["slow", "calls"] == 8   # the minimum wins
+    with pytest.raises(ValueError, match="budget_s"):
+        measure.measure_latency([stub("fast", 0.0)], images, budget_s=0)
 
 
 def test_first_calls_separate_the_first_invoke_from_the_later_ones(tflite_path, images):
