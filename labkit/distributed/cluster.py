@@ -213,8 +213,8 @@ def run_local(num_workers: int, model, *, out=None, ports: list[int] | None = No
     addresses = [f"{LOCALHOST}:{p}" for p in ports]
     configs = tf_configs(addresses)
     args = ["--model", str(model), "--out", str(out), "--split", split, "--limit", str(limit),
-            "--repeat", str(repeat), "--passes", str(passes), "--batch-size", str(batch_size), "--threads", str(threads),
-            "--connect-timeout-s", str(connect_timeout_s)] + (["--lockstep"] if lockstep else [])
+            "--repeat", str(repeat), "--passes", str(passes), "--batch-size", str(batch_size),
+            "--threads", str(threads), "--connect-timeout-s", str(connect_timeout_s)] + (["--lockstep"] if lockstep else [])
 
     workers: list[_Worker] = []
     load_before = os.getloadavg()

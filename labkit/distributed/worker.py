@@ -192,7 +192,8 @@ def parse_args(argv=None):
     parser.add_argument("--limit", type=int, default=0, help="use only the first LIMIT images (0: all)")
     parser.add_argument("--repeat", type=int, default=1, help="predict the images REPEAT times (a longer job)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch on each worker")
-    parser.add_argument("--passes", type=int, default=1, help="timed passes over the shard (the launcher keeps the best)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="timed passes over the shard (the launcher keeps the fastest)")
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra- and inter-op threads")
     parser.add_argument("--connect-timeout-s", type=float, default=60.0,
                         help="give up if the cluster has not formed after this many seconds")
