@@ -214,7 +214,9 @@ def run_local(num_workers: int, model, *, out=None, ports: list[int] | None = No
     configs = tf_configs(addresses)
     args = ["--model", str(model), "--out", str(out), "--split", split, "--limit", str(limit),
             "--repeat", str(repeat), "--passes", str(passes), "--batch-size", str(batch_size),
-            "--threads", str(threads), "--connect-timeout-s", str(connect_timeout_s)] + (["--lockstep"] if lockstep else [])
+            "--threads", str(threads), "--connect-timeout-s", str(connect_timeout_s)]
+    if lockstep:
+        args.append("--lockstep")
 
     workers: list[_Worker] = []
     load_before = os.getloadavg()
