@@ -143,7 +143,7 @@ def setup(seed: int = 0, quiet: bool = True) -> dict:
     # Same seed, same weights, same numbers: Python, NumPy and TensorFlow seeds in one call.
     tf_keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    from labkit.measure import machine_info
+    from labkit.machine import machine_info   # machine.py imports nothing of labkit
     return machine_info()
 
 

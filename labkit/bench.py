@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import labkit
+from labkit import machine
 from labkit import ROOT, measure, results
 
 BASELINE_VARIANT = "baseline-float32-tflite"
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     splits = load_mnist()
     out, missing = benchmark(table, repeats=args.repeats, threads=args.threads, x=splits.x_test,
                              y=None if args.no_accuracy else splits.y_test)
-    print(f"machine: {measure.machine_string()}")
+    print(f"machine: {machine.machine_string()}")
     print(f"batch-1 latency, {args.repeats} interleaved calls each, LiteRT threads={args.threads}; "
           "each artifact is timed once, by the runner named in its row")
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):

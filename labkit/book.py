@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from labkit import machine
 from labkit import NOTEBOOKS_DIR, ROOT
 
 BUILD_DIR = ROOT / "build" / "book"
@@ -131,7 +132,7 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
     sections["seconds"] = sections["seconds"].round(1)
     sections.to_csv(out_dir / "section_times.csv", index=False)
     lines = ["# Lab book report", "",
-             f"Machine: {measure.machine_string()}", "",
+             f"Machine: {machine.machine_string()}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
              "## Notebooks", "", markdown_table(status), "",
              "## Time per section (cell execution, seconds; section_times.csv)", "",
@@ -147,7 +148,7 @@ def write_report(runs: list[dict], out_dir: Path) -> Path:
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     page = ["<html><head><meta charset='utf-8'><title>Lab book report</title></head><body>",
-            "<h1>Lab book report</h1>", f"<p>Machine: {html.escape(measure.machine_string())}</p>",
+            "<h1>Lab book report</h1>", f"<p>Machine: {html.escape(machine.machine_string())}</p>",
             "<h2>Notebooks</h2>", status.to_html(index=False),
             "<h2>Time per section</h2>", sections.to_html(index=False),
             "<h2>Measurements</h2>", shown.to_html(index=False)]

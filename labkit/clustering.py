@@ -23,6 +23,7 @@ labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines,
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras as keras
 
+from labkit import machine
 from labkit import ARTIFACTS_DIR, measure, models, tflite
 
 CLUSTERING_DIR = ARTIFACTS_DIR / "clustering"
@@ -452,7 +453,7 @@ def benchmark(k: int = 16, progress: bool = False, plan: models.FineTune = PLAN)
            "accuracy_drop_points": 100 * (base["accuracy"] - clus["accuracy"]),
            "baseline_gzip_bytes": int(base["gzip_bytes"]), "clustered_gzip_bytes": int(clus["gzip_bytes"]),
            "gzip_smaller": float(clus["gzip_ratio"])}
-    print(f"machine: {measure.machine_string()}")
+    print(f"machine: {machine.machine_string()}")
     print(f"test accuracy: baseline {100 * out['baseline_test_accuracy']:.2f}%, {k} clusters "
           f"{100 * out['clustered_test_accuracy']:.2f}% -> drop {out['accuracy_drop_points']:.2f} points "
           f"(target <= {TARGET_DROP_POINTS:.2f}): "

@@ -5,13 +5,13 @@ The training set is split into train and a fixed validation part: every tuning d
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from labkit import DATA_DIR
+from labkit.files import sha256_of
 
 MNIST_PATH = DATA_DIR / "mnist.npz"
 MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
@@ -45,14 +45,6 @@ class Splits:
     def __repr__(self) -> str:
         return (f"Splits(train={len(self.x_train)}, val={len(self.x_val)}, "
                 f"test={len(self.x_test)}, image_shape={self.x_train.shape[1:]})")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_mnist_arrays(path: Path = MNIST_PATH, sha256: str | None = MNIST_SHA256) -> dict:

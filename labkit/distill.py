@@ -31,6 +31,7 @@ import pandas as pd
 import tensorflow as tf
 import tf_keras as keras
 
+from labkit import machine
 from labkit import ARTIFACTS_DIR, measure, models
 
 DISTILL_DIR = ARTIFACTS_DIR / "distill"
@@ -283,7 +284,7 @@ def benchmark(config: StudentConfig = StudentConfig(), progress: bool = False) -
     from labkit.data import load_mnist
     splits = load_mnist()
     table, _ = compare(splits, config, temperatures=(config.temperature,), progress=progress)
-    print(f"machine: {measure.machine_string()}")
+    print(f"machine: {machine.machine_string()}")
     with pd.option_context("display.width", 200):
         print(table.to_string())
     for _, row in verdict(table, config).iterrows():

@@ -60,7 +60,7 @@ def check_resources() -> list[dict]:
     free = shutil.disk_usage(ROOT).free
     rows.append(line("ok" if free >= DISK_GIB * GiB else "FAIL", "disk", f"{free / GiB:.1f} GiB free in {ROOT}",
                      "" if free >= DISK_GIB * GiB else f"free at least {DISK_GIB} GiB on this disk"))
-    from labkit.measure import cpu_model, usable_cores
+    from labkit.machine import cpu_model, usable_cores
     cores = usable_cores()
     rows.append(line("ok" if cores >= 2 else "warn", "cpu", f"{cpu_model()}, {cores} usable core(s)",
                      "" if cores >= 2 else "one core: the two-thread and multi-worker cells show no speed-up"))

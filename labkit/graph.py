@@ -27,6 +27,7 @@ import pandas as pd
 tf = labkit.import_tensorflow_quietly(start_runtime=False)  # `python -m labkit.graph` imports it before setup
 import tf_keras as keras
 
+from labkit import machine
 from labkit import ARTIFACTS_DIR, measure, tflite
 
 GRAPH_DIR = ARTIFACTS_DIR / "graph"
@@ -388,7 +389,7 @@ def benchmark(repeats: int = 200, batch_size: int = LARGE_BATCH, images: int = 2
     paths = models.export_baseline(model)
     folded = fold_batchnorm(model)
     fold_diff = max_abs_diff(model, folded, splits.x_test)
-    print(f"machine: {measure.machine_string()}")
+    print(f"machine: {machine.machine_string()}")
     print(f"BN folding: max |logit difference| on the {len(splits.x_test)} test images = {fold_diff:.2e}")
 
     fold_runners = [measure.keras_call(model), measure.keras_call(folded, "keras call, BN folded"),
@@ -410,7 +411,7 @@ def benchmark(repeats: int = 200, batch_size: int = LARGE_BATCH, images: int = 2
     with labkit.quiet_stderr():  # model.predict's tf.data pipeline logs a harmless C++ line every few seconds
         latency = measure.measure_latency(runners, splits.x_test[:100], warmup=10, repeats=repeats)
         throughput = measure.measure_throughput(runners, splits.x_test[:images], batch_size=batch_size)
-    cores = measure.machine_info()["usable_cores"]
+    cores = machine.machine_info()["usable_cores"]
     peak = runtimes.peak_mac_rate(runtimes.export_probes(), threads=sorted({1, min(2, cores), cores}))
     floor = runtimes.compute_floor(measure.count_macs(model), latency, throughput, peak, batch_size)
     with pd.option_context("display.width", 200, "display.max_columns", 20):

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from labkit import ARTIFACTS_DIR, ROOT
-from labkit.data import sha256_of   # the data file's checksum, reused for the bundle's files
+from labkit.files import sha256_of
 
 KIT_DIR = ROOT / "build" / "kit"
 MANIFEST = "kit-manifest.json"

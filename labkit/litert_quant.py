@@ -25,6 +25,7 @@ import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
+from labkit import machine
 from labkit import ARTIFACTS_DIR, measure, models, quantizers, tflite
 
 LITERT_DIR = ARTIFACTS_DIR / "litert_quant"
@@ -449,7 +450,7 @@ def benchmark(repeats: int = 300, threads: int = 1, smallest_figures: bool = Tru
         paths.update({f"smallest-at-{label}": row["artifact"] for label, row in found["chosen"].items()})
     table, latency = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_val[:200],
                                           reference=base, repeats=repeats, threads=threads)
-    print(f"machine: {measure.machine_string()}\nLiteRT {threads} thread(s), batch 1, {repeats} interleaved "
+    print(f"machine: {machine.machine_string()}\nLiteRT {threads} thread(s), batch 1, {repeats} interleaved "
           f"calls each; accuracy on {len(splits.y_test)} test images")
     print(table.drop(columns="artifact").round(4).to_string())
     out.update({"table": table, "latency": latency, "paths": paths})

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import tf_keras as keras
 
+from labkit import machine
 from labkit import ARTIFACTS_DIR, measure, models
 
 LOWRANK_DIR = ARTIFACTS_DIR / "lowrank"
@@ -213,7 +214,7 @@ def benchmark(ranks: dict = BOOK_RANKS, repeats: int = 300, threads: int = 1) ->
     table, _ = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_val[:200],
                                     reference="baseline float32", repeats=repeats, threads=threads)
     table = table.drop(columns=["artifact"]).join(pd.DataFrame([describe(baseline), describe(tuned)], index=table.index))
-    print(f"machine: {measure.machine_string()}")
+    print(f"machine: {machine.machine_string()}")
     print(table.round(4).to_string())
     base, low = table.iloc[0], table.iloc[1]
     print(f"MACs {base['macs'] / low['macs']:.2f}x fewer, params {base['params'] / low['params']:.2f}x fewer, "

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import io
 import json
-import os
-import platform
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -27,51 +24,10 @@ import numpy as np
 import pandas as pd
 
 from labkit import ARTIFACTS_DIR, tflite
-from labkit.data import sha256_of   # the one file checksum (the data's, the bundle's, a loaded model's)
+from labkit.files import content_key, sha256_of, write_json
+from labkit.machine import machine_info, usable_cores, versions
 
 ACCURACY_DIR = ARTIFACTS_DIR / "accuracy"   # measured accuracies of .tflite files (no workshop bundle ships them)
-
-
-# ----------------------------------------------------------------------------- the machine
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": platform.python_version()}
-    for package in ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "numpy"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container or `taskset` can allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def machine_info() -> dict:
-    """CPU, cores and library versions: recorded beside every timing."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(),
-            "usable_cores": usable_cores(),
-            **versions()}
-
-
-def machine_string() -> str:
-    """One line for the results store's `machine` column."""
-    info = machine_info()
-    return (f"{info['cpu']} | {info['usable_cores']} cores | TF {info['tensorflow']} | "
-            f"tf-keras {info['tf-keras']} | LiteRT {info['ai-edge-litert']}")
 
 
 # ----------------------------------------------------------------------------- runners
@@ -254,20 +210,15 @@ def _file_accuracy(model: LiteRTModel, x: np.ndarray, y: np.ndarray, batch_size:
     The key hashes everything the count depends on: the bytes of the file as the runner loaded it,
     its kernels, the LiteRT version, the batch size and the bytes of the images and labels.
     """
-    key = hashlib.sha256(repr((model.digest, model.xnnpack, batch_size, versions()["ai-edge-litert"],
-                               x.shape, x.dtype.str, y.dtype.str)).encode())
-    key.update(np.ascontiguousarray(x).tobytes())
-    key.update(np.ascontiguousarray(y).tobytes())
-    path = ACCURACY_DIR / f"{key.hexdigest()[:32]}.json"
+    settings = repr((model.digest, model.xnnpack, batch_size, versions()["ai-edge-litert"],
+                     x.shape, x.dtype.str, y.dtype.str))
+    path = ACCURACY_DIR / f"{content_key(settings, x, y, digits=32)}.json"
     try:
         return float(json.loads(path.read_text())["accuracy"])
     except (OSError, ValueError, KeyError, TypeError):   # not counted yet, or a damaged entry
         pass
     value = _count_correct(on_every_core(model), x, y, batch_size) / len(x)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"accuracy": value, "file": str(model.path), "images": len(x)}))
-    tmp.replace(path)
+    write_json(path, {"accuracy": value, "file": str(model.path), "images": len(x)})
     return value
 
 

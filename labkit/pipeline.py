@@ -32,7 +32,7 @@ import labkit  # noqa: F401  (sets the legacy-Keras switch before TensorFlow loa
 import numpy as np
 import pandas as pd
 
-from labkit import ARTIFACTS_DIR
+from labkit import ARTIFACTS_DIR, machine
 
 PIPELINE_DIR = ARTIFACTS_DIR / "pipeline"
 NOTEBOOK = "07_pipeline"
@@ -164,7 +164,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), splits=None, *, dire
     _check_stage(until)
     if splits is None:
         from labkit.data import load_mnist
-        splits = load_mnist()
+    splits = load_mnist()
     if baseline is None:
         baseline, _ = models.load_or_train_baseline(splits=splits)
     directory, run, c = Path(directory), PipelineRun(config), config
@@ -391,7 +391,7 @@ def record(table: pd.DataFrame, latency, names: dict, stages_csv: Path = STAGES_
     the book report compares the final model with the baseline from the same timing loop.
     """
     from labkit import measure, results
-    kept = table.drop(columns=["artifact"]).assign(variant=pd.Series(names), machine=measure.machine_string())
+    kept = table.drop(columns=["artifact"]).assign(variant=pd.Series(names), machine=machine.machine_string())
     stages_csv = Path(stages_csv)
     stages_csv.parent.mkdir(parents=True, exist_ok=True)
     tmp = stages_csv.with_name(stages_csv.name + ".tmp")   # read back by the report: written whole or not at all
@@ -443,7 +443,7 @@ def build_and_measure(config: PipelineConfig, splits=None, *, on_progress=None, 
     from labkit import measure, models, results
     if splits is None:
         from labkit.data import load_mnist
-        splits = load_mnist()
+    splits = load_mnist()
     run = run_pipeline(config, splits, directory=directory, baseline=baseline, progress=False,
                        on_progress=on_progress)
     variant = f"pipeline-custom-{config.name()}"
@@ -459,11 +459,10 @@ def build_and_measure(config: PipelineConfig, splits=None, *, on_progress=None, 
 def benchmark(config: PipelineConfig = PipelineConfig(), repeats: int = 500) -> pd.DataFrame:
     """Build (or load) the pipeline and print the three target figures, measured in one run."""
     from labkit.data import load_mnist
-    from labkit.measure import machine_string
     splits = load_mnist()
     run = run_pipeline(config, splits)
     table, _ = measure_stages(run, splits, repeats=repeats)
-    print(f"machine: {machine_string()}")
+    print(f"machine: {machine.machine_string()}")
     print(table.drop(columns=["artifact"]).round(4).to_string())
     for _, row in targets_met(table).iterrows():
         print(f"{row['figure']:>12}: measured {row['measured']:.4f}, target {row['target']}, "

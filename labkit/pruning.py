@@ -23,6 +23,7 @@ import tf_keras as keras
 # The wrapper class is not exported by tfmot's public API; its own callbacks import it from here.
 from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
 
+from labkit import machine
 from labkit import ARTIFACTS_DIR, measure, models, tflite
 
 PRUNING_DIR = ARTIFACTS_DIR / "pruning"
@@ -488,7 +489,7 @@ def benchmark(repeats: int = 300, threads: int = 1) -> pd.DataFrame:
                                     reference="baseline", repeats=repeats, warmup=30, threads=threads)
     table["macs"] = [measure.count_macs(found[n]) for n in table.index]
     checks = target_checks(table)
-    print(f"machine: {measure.machine_string()}\nLiteRT XNNPACK, {threads} thread(s), batch 1, "
+    print(f"machine: {machine.machine_string()}\nLiteRT XNNPACK, {threads} thread(s), batch 1, "
           f"{repeats} interleaved calls per model\n{table.drop(columns=['artifact']).round(4).to_string()}\n"
           f"{checks.round(3).to_string()}")
     return checks

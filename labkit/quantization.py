@@ -27,6 +27,7 @@ import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
+from labkit import machine
 from labkit import ARTIFACTS_DIR, measure, models, quantizers, tflite
 
 QUANT_DIR = ARTIFACTS_DIR / "quantization"
@@ -393,7 +394,7 @@ def benchmark(repeats: int = 300, warmup: int = 30, threads: int = 1, progress: 
         "qat_minus_ptq_points": 100 * (table.loc[qat_label, "accuracy"] - table.loc[int8, "accuracy"]),
     }
     breakdown = size_table({"float32": paths[base], "int8": paths[int8]})
-    print(f"machine: {measure.machine_string()}")
+    print(f"machine: {machine.machine_string()}")
     print(f"LiteRT, {threads} thread(s), batch 1, {repeats} interleaved calls each; accuracy on the "
           f"{len(splits.y_test)} test images")
     with pd.option_context("display.width", 200):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from labkit.machine import machine_string
 from labkit import RESULTS_DIR, ROOT
 
 # LABKIT_RESULTS points a whole process (a test's kernel, say) at another store.
@@ -119,7 +120,7 @@ def make_row(variant: str, technique: str, notebook: str, *, accuracy=None, late
     from labkit import measure
     row = {"variant": variant, "technique": technique, "notebook": notebook,
            "accuracy": accuracy, "throughput_ips": throughput_ips,
-           "artifact": artifact, "machine": machine or measure.machine_string()}
+           "artifact": artifact, "machine": machine or machine_string()}
     if latency is not None:
         name = runner_name or variant
         row["latency_p50_us"] = latency.p50(name)

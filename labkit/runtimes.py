@@ -24,6 +24,7 @@ import pandas as pd
 tf = labkit.import_tensorflow_quietly(start_runtime=False)  # `python -m labkit.runtimes` imports it before setup
 import tf_keras as keras
 
+from labkit import machine
 from labkit import measure
 from labkit.graph import GRAPH_DIR, LARGE_BATCH
 
@@ -131,7 +132,7 @@ def runtime_runners(model: keras.Model, paths: dict, onnx_path=None) -> list:
     for runner in runners:
         runner.artifact = str(paths["keras"])
     runners.append(measure.saved_model(paths["savedmodel"]))
-    cores = measure.machine_info()["usable_cores"]
+    cores = machine.machine_info()["usable_cores"]
     for threads in sorted({1, min(2, cores)}):
         label = f"LiteRT XNNPACK {threads} thread{'s' if threads > 1 else ''}"
         runners.append(measure.litert(paths["tflite"], threads, name=label))

@@ -6,7 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from labkit import kit, models
+from labkit import files, kit, models
 
 
 @pytest.fixture()
@@ -99,7 +99,7 @@ def test_a_learners_own_model_is_kept_unless_they_say_replace(instructor, tmp_pa
     assert (learner / "demo" / "tiny.tflite").read_bytes() == b"the learner's own newer model"
     report = kit.unpack(bundle, learner, replace=True)
     assert report["replaced"] == ["demo/tiny.tflite"]
-    assert kit.sha256_of(learner / "demo" / "tiny.tflite") == kit.sha256_of(instructor / "demo" / "tiny.tflite")
+    assert files.sha256_of(learner / "demo" / "tiny.tflite") == files.sha256_of(instructor / "demo" / "tiny.tflite")
 
 
 def test_pack_refuses_an_empty_artifacts_folder_and_downloads_binary_wheels_per_python(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
+from labkit import machine
 from labkit import measure, memory, models
 
 
@@ -41,7 +42,7 @@ def test_accuracy_runs_litert_on_every_core_with_the_same_logits(tflite_path, sp
     for xnnpack in (True, False):
         one = measure.litert(tflite_path, 1, xnnpack=xnnpack)
         every = measure.on_every_core(one)
-        assert every.num_threads == measure.usable_cores() and every.xnnpack == xnnpack
+        assert every.num_threads == machine.usable_cores() and every.xnnpack == xnnpack
         np.testing.assert_array_equal(every(x), one(x))   # bit for bit, not merely close
         assert measure.accuracy(one, x, y) == np.mean(np.argmax(one(x), axis=1) == y)
     other = measure.Runner("not LiteRT", lambda images: images, "nothing")   # left as it is
@@ -238,9 +239,9 @@ def test_memory_probes(tflite_path):
 
 
 def test_machine_info_names_cpu_and_versions():
-    info = measure.machine_info()
+    info = machine.machine_info()
     assert info["cores"] >= 1 and info["tensorflow"].startswith("2.21")
-    line = measure.machine_string()
+    line = machine.machine_string()
     assert "cores" in line and "TF 2.21" in line and "LiteRT" in line
 
 

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     import labkit
     labkit.setup(seed=0)  # the launcher may train the baseline; the workers call setup themselves
     import pandas as pd
-    from labkit import measure
+    from labkit import machine
     from labkit.distributed import cluster
     model = cluster.baseline_model_path()
     load_before = os.getloadavg()
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
     one, two = cluster.configuration_name(*cluster.ONE_WORKER), cluster.configuration_name(*cluster.TWO_WORKERS)
     threads = cluster.configuration_name(*cluster.ONE_PROCESS_TWO_THREADS)
-    print(f"machine: {measure.machine_string()}")
+    print(f"machine: {machine.machine_string()}")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} "
           f"on {os.cpu_count()} cores; cpu_share = CPU seconds the workers got / (seconds x workers x threads)")
     print(f"job: {table['images'].iloc[0]} images (test set x {args.repeat}), batch {args.batch_size}, "
