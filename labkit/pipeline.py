@@ -3,7 +3,7 @@
 This module only composes. Each stage calls the module that owns its technique, the same
 function the technique's own notebook taught:
 
-- fold      `graph.fold_batchnorm`: the weights we prune and cluster are then the weights the
+- fold      `folding.fold_batchnorm`: the weights we prune and cluster are then the weights the
             .tflite file stores (the converter would otherwise rescale them per channel);
 - thin      `structured.thin(..., score="io")` (`strongest` + `shrink`): keep the strongest conv2
             filters and dense1 units, then fine-tune;
@@ -160,7 +160,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), splits=None, *, dire
     `on_progress(stage, fraction)` is called during training (the build panel's progress bar);
     `until` stops after that stage (notebook 07 stops after "thin" for its sensitivity analysis).
     """
-    from labkit import clustering, graph, measure, models, pruning, quantization, structured
+    from labkit import clustering, folding, measure, models, pruning, quantization, structured
     _check_stage(until)
     if splits is None:
         from labkit.data import load_mnist
@@ -180,7 +180,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), splits=None, *, dire
         return model, {**(record or {}), "val_accuracy": val_accuracy(model, splits)}
 
     def fold(model):
-        return scored(graph.fold_batchnorm(model))
+        return scored(folding.fold_batchnorm(model))
 
     def thin(folded):  # structured.strongest(score="io") + structured.shrink, then the fine-tune
         return scored(*structured.thin(folded, {"conv2": c.conv2_filters, "dense1": c.dense_units}, splits,
@@ -296,7 +296,7 @@ def codebooks_and_folding(baseline, splits, k: int = 16, layer: str = "conv2") -
     """Batch-norm folding against a conv layer's codebook (notebook 07, section 1).
 
     `layer` is clustered to k values in one shot, per layer (the book) or per output channel
-    (tfmot's own remedy, `cluster_per_channel=True`), before or after `graph.fold_batchnorm`, and
+    (tfmot's own remedy, `cluster_per_channel=True`), before or after `folding.fold_batchnorm`, and
     each result is read on the folded kernel: distinct values per channel and in the layer, the
     codebook's floats, the relative error against the folded baseline's kernel, the gzip size of the
     float32 kernel and the model's validation accuracy (no fine-tuning, so the errors show raw).
@@ -305,8 +305,8 @@ def codebooks_and_folding(baseline, splits, k: int = 16, layer: str = "conv2") -
     warning only. The `clustered` column says so; one row gives the conv a bias of zeros first.
     """
     import gzip
-    from labkit import graph, measure, models
-    folded = graph.fold_batchnorm(baseline)
+    from labkit import folding, measure, models
+    folded = folding.fold_batchnorm(baseline)
     reference = models.kernel(folded, layer)
     recipes = (("cluster per layer, then fold", baseline, False, True),
                ("fold, then cluster per layer (the book)", folded, False, False),
@@ -317,7 +317,7 @@ def codebooks_and_folding(baseline, splits, k: int = 16, layer: str = "conv2") -
     for name, model, per_channel, fold_after in recipes:
         clustered, wrapped = _one_shot_cluster(model, layer, k, per_channel)
         if fold_after:
-            clustered = graph.fold_batchnorm(clustered)
+            clustered = folding.fold_batchnorm(clustered)
         kernel = models.kernel(clustered, layer)
         columns = kernel.reshape(-1, kernel.shape[-1])
         rows.append({"recipe": name, "clustered": wrapped,

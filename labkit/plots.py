@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from labkit import results
+
 
 def latency_distribution(latency, title: str = "Batch-1 latency, interleaved runs"):
     """One row per runner: every timed call as a dot, with p50 and p95 marked (log scale)."""
@@ -67,9 +69,8 @@ def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accura
     third axis. `ylim` zooms in; the title says how many variants the zoom leaves out. `labels`
     renames axes, e.g. {"accuracy": "validation accuracy"} when that column holds validation figures.
     """
-    from labkit.results import pareto_front
     table = table.copy()
-    table["pareto"] = pareto_front(table)
+    table["pareto"] = results.pareto_front(table)
     if techniques is not None:
         table = table[table["technique"].isin(list(techniques))]
     table = table.dropna(subset=[x, y])
@@ -94,8 +95,7 @@ def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accura
             ax.annotate(str(number), (px[index], py[index]), fontsize=8, weight="bold", xytext=(5, 4),
                         textcoords="offset points")
             lines.append(f"{number:>2}  {row['variant']}")
-        from labkit.bench import BASELINE_VARIANT   # the baseline every speed-up is measured against
-        for index in table.index[table["variant"] == BASELINE_VARIANT]:
+        for index in table.index[table["variant"] == results.BASELINE_VARIANT]:
             ax.annotate("baseline (LiteRT float32)", (px[index], py[index]), fontsize=8, xytext=(6, -12),
                         textcoords="offset points")
         if highlight is not None and highlight in set(table["variant"]):

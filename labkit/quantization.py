@@ -27,8 +27,7 @@ import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
-from labkit import machine
-from labkit import ARTIFACTS_DIR, measure, models, quantizers, tflite
+from labkit import ARTIFACTS_DIR, folding, machine, measure, models, quantizers, tflite
 
 QUANT_DIR = ARTIFACTS_DIR / "quantization"
 MODES = ("float32", "float16", "dynamic", "int8")      # post-training converter modes
@@ -126,9 +125,8 @@ def export(model, mode: str, calibration: np.ndarray | None = None, *, name: str
 # ============================================================================ 2. reading the file back
 
 def deployed_kernels(model) -> dict:
-    """The float kernels the converter quantizes: each batch norm folded into its conv (graph.fold_batchnorm)."""
-    from labkit import graph
-    folded = graph.fold_batchnorm(model)
+    """The float kernels the converter quantizes: each batch norm folded into its conv (folding.fold_batchnorm)."""
+    folded = folding.fold_batchnorm(model)
     return {name: models.kernel(folded, name) for name in models.weight_layers(folded)}
 
 

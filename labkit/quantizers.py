@@ -4,7 +4,7 @@ Owns the arithmetic of quantization, before any converter is involved:
 
 1. uniform quantizers: affine and symmetric parameters, per tensor or per channel, `quantize`
    (reals to integer codes) and `dequantize` (codes back to reals);
-2. a non-uniform quantizer: a k-means codebook (the 1-D k-means is `clustering.kmeans`);
+2. a non-uniform quantizer: a k-means codebook (the 1-D k-means is `kmeans.kmeans`);
 3. `fake_quantize`, `sqnr_db` and `weight_sweep`: what each scheme and bit width does to the
    baseline's weights; `integer_matmul_terms`: why weights get zero point 0;
 4. activation calibration (min/max, percentile, MSE) and what a single outlier does to each.
@@ -142,10 +142,10 @@ def dequantize(q: np.ndarray, p: QuantParams) -> np.ndarray:
 def kmeans_quantize(x: np.ndarray, bits: int, axis: int | None = None, seed: int = 0) -> np.ndarray:
     """Every value replaced by the nearest of 2**bits learned levels (one codebook per channel with axis).
 
-    The levels come from notebook 03's k-means (`clustering.kmeans`, k-means++ start). A tensor
+    The levels come from notebook 03's k-means (`kmeans.kmeans`, k-means++ start). A tensor
     with at most 2**bits distinct values needs no clustering: each value is its own level.
     """
-    from labkit import clustering
+    from labkit import kmeans
     bits = check_bits(bits)
     x = check_finite(np.asarray(x, np.float32))
     axis = check_axis(x, axis)
@@ -157,7 +157,7 @@ def kmeans_quantize(x: np.ndarray, bits: int, axis: int | None = None, seed: int
         raise ValueError("k-means needs at least one value")
     if len(np.unique(x)) <= 2 ** bits:
         return x.copy()
-    codebook = clustering.kmeans(x.ravel(), 2 ** bits, seed=seed)
+    codebook = kmeans.kmeans(x.ravel(), 2 ** bits, seed=seed)
     return codebook.decode().reshape(x.shape).astype(np.float32)   # every value -> its centroid
 
 

@@ -20,6 +20,7 @@ from labkit.machine import machine_string
 from labkit import RESULTS_DIR, ROOT
 
 # LABKIT_RESULTS points a whole process (a test's kernel, say) at another store.
+BASELINE_VARIANT = "baseline-float32-tflite"   # every speed-up is measured against it
 RESULTS_PATH = Path(os.environ.get("LABKIT_RESULTS", RESULTS_DIR / "measurements.csv"))
 COLUMNS = ["variant", "technique", "notebook", "accuracy", "latency_p50_us", "latency_p95_us",
            "throughput_ips", "size_bytes", "gzip_bytes", "artifact", "machine", "measured_at"]
@@ -171,55 +172,3 @@ def pareto_front(table: pd.DataFrame, objectives=OBJECTIVES) -> pd.Series:
     front = pd.Series(False, index=table.index)
     front[complete[complete].index] = ~dominated
     return front
-
-
-# ----------------------------------------------------------------------------- the frontier, re-measured
-
-BOOK_NOTEBOOKS = ("01_baseline", "02_pruning", "03_clustering", "04_quantization", "04b_litert_quantizer",
-                  "05_graph", "06_distributed")   # the notebooks before 07 that record variants
-
-
-def missing_notebooks(table: pd.DataFrame, notebooks=BOOK_NOTEBOOKS) -> list:
-    """The notebooks in `notebooks` that have recorded no row in `table` yet (run them first)."""
-    present = set(table["notebook"].dropna()) if "notebook" in table else set()
-    return [notebook for notebook in notebooks if notebook not in present]
-
-
-def frontier(splits, table: pd.DataFrame | None = None, *, repeats: int = 100, warmup: int = 10):
-    """Every file the store names, re-measured in ONE interleaved run (`bench.benchmark`), with its
-    accuracy on the VALIDATION split: the table notebook 07 draws its Pareto frontier from.
-
-    Choices are made on validation (the test split is kept for final figures), and latencies compare
-    only within one run. One row per file, named by a variant that records it (the baseline's name
-    where it is among them; `shared_with` lists the others); `accuracy` is validation accuracy and
-    `pareto` is `pareto_front`. Returns (table, notes): each note names the notebook to run first,
-    for a notebook with no row yet or a file that has gone missing.
-    """
-    from labkit import bench
-    table = load() if table is None else table
-    notes = [f"no variant of notebook {notebook} in the results store yet: run {notebook}.ipynb first to see "
-             "its variants here" for notebook in missing_notebooks(table)]
-    try:
-        measured, missing = bench.benchmark(table, repeats=repeats, warmup=warmup, x=splits.x_val, y=splits.y_val)
-    except SystemExit:   # bench's answer to a store with no file to run
-        return pd.DataFrame(columns=[*COLUMNS, "runner", "shared_with", "pareto"]), notes + [
-            "the results store names no model file yet: run notebook 01_baseline.ipynb first"]
-    for entry in missing:
-        artifact, _, why = entry.partition(" (")
-        owner = table.loc[table["artifact"] == artifact, "notebook"]
-        owner = owner.iloc[0] if len(owner) else "its notebook"
-        notes.append(f"{artifact}: no runner for this format, left out" if why else
-                     f"{artifact} (recorded by {owner}) is missing: run {owner}.ipynb again to write it")
-    rows = []
-    for artifact, row in measured.iterrows():
-        names = row["variants"].split(", ")
-        name = bench.BASELINE_VARIANT if bench.BASELINE_VARIANT in names else names[0]
-        own = table[table["variant"] == name].iloc[0]
-        rows.append({"variant": name, "technique": own["technique"], "notebook": own["notebook"],
-                     "accuracy": row["accuracy"], "latency_p50_us": row["latency_p50_us"],
-                     "latency_p95_us": row["latency_p95_us"], "size_bytes": row["size_bytes"],
-                     "gzip_bytes": row["gzip_bytes"], "runner": row["runner"],
-                     "shared_with": ", ".join(n for n in names if n != name), "artifact": artifact})
-    out = pd.DataFrame(rows)
-    out["pareto"] = pareto_front(out)
-    return out, notes

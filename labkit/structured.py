@@ -7,7 +7,7 @@ reads it next to its section 9; the pipeline (notebook 07) thins its folded mode
 
 The models are laid out as `models.build_cnn` builds them: conv<i> blocks, each with its own
 batch norm bn<i> (`batchnorm=True`) or with a bias and a fused ReLU (`batchnorm=False`, which is
-also what `graph.fold_batchnorm` returns), then flatten, dense1, an optional dropout and logits.
+also what `folding.fold_batchnorm` returns), then flatten, dense1, an optional dropout and logits.
 Filters can be removed from every conv<i> and units from dense1; logits keeps its 10 classes.
 Unstructured pruning (single weights set to zero) is labkit.pruning's.
 """

@@ -88,7 +88,7 @@ def test_bench_times_each_artifact_once_and_says_how(exported, splits, monkeypat
     """Rows sharing an artifact become one row that lists them all and names the runner it timed:
     a .keras file recorded as "keras predict" is timed as a tf.function, and its row says so."""
     monkeypatch.setattr(bench, "ROOT", exported)
-    rows = [(bench.BASELINE_VARIANT, "baseline", "tiny.tflite"), ("baseline-keras-predict", "baseline", "tiny.keras"),
+    rows = [(results.BASELINE_VARIANT, "baseline", "tiny.tflite"), ("baseline-keras-predict", "baseline", "tiny.keras"),
             ("runtime-litert-again", "runtime", "tiny.tflite"), ("baseline-tf-function", "baseline", "tiny.keras"),
             ("gone", "pruning", "missing.tflite"), ("runtime-onnx", "runtime", "tiny.onnx"),
             ("no-file", "distributed", "")]
@@ -96,7 +96,7 @@ def test_bench_times_each_artifact_once_and_says_how(exported, splits, monkeypat
                           for v, t, a in rows])
     out, missing = bench.benchmark(table, repeats=5, warmup=1, x=splits.x_test[:64], y=splits.y_test[:64])
     assert list(out.index) == ["tiny.tflite", "tiny.keras"]
-    assert out.loc["tiny.tflite", "variants"] == f"{bench.BASELINE_VARIANT}, runtime-litert-again"
+    assert out.loc["tiny.tflite", "variants"] == f"{results.BASELINE_VARIANT}, runtime-litert-again"
     assert out.loc["tiny.tflite", "technique"] == "baseline, runtime"
     assert out.loc["tiny.tflite", "runner"] == "LiteRT XNNPACK 1 thread(s)"
     assert out.loc["tiny.keras", "variants"] == "baseline-keras-predict, baseline-tf-function"

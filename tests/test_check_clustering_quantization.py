@@ -14,7 +14,7 @@ import labkit.check.solutions as solutions
 import numpy as np
 import pytest
 
-from labkit import ROOT, check, clustering, quantizers, tflite
+from labkit import ROOT, check, kmeans, quantizers, tflite
 
 CHECKERS = {"kmeans_step": cc.kmeans_step, "codebook_bytes": cc.codebook_bytes,
             "affine_params": cq.affine_params, "int8_dense": cq.int8_dense}
@@ -48,12 +48,12 @@ def kmeans_step_loops(weights, centroids):
 
 
 def kmeans_step_labkit(weights, centroids):
-    """labkit's own pieces: clustering.assign on the sorted centroids, one iteration of clustering.kmeans."""
+    """labkit's own pieces: kmeans.assign on the sorted centroids, one iteration of kmeans.kmeans."""
     centroids = np.asarray(centroids, np.float64)
     order = np.argsort(centroids)
-    labels = order[clustering.assign(np.ravel(weights), centroids[order])]
+    labels = order[kmeans.assign(np.ravel(weights), centroids[order])]
     new = np.empty(len(centroids))
-    new[order] = clustering.kmeans(np.ravel(weights), len(centroids), iterations=1, centroids=centroids).centroids
+    new[order] = kmeans.kmeans(np.ravel(weights), len(centroids), iterations=1, centroids=centroids).centroids
     return labels, new
 
 
@@ -65,7 +65,7 @@ def codebook_bytes_loops(num_weights, clusters):
 
 
 def codebook_bytes_labkit(num_weights, clusters):
-    return clustering.Codebook(np.zeros(clusters, np.float32), np.zeros(num_weights, np.uint16), []).storage_bytes()
+    return kmeans.Codebook(np.zeros(clusters, np.float32), np.zeros(num_weights, np.uint16), []).storage_bytes()
 
 
 def affine_params_float32(x, bits):
@@ -218,7 +218,7 @@ def test_kmeans_step_reference_is_one_iteration_of_labkits_kmeans():
     rng = np.random.default_rng(0)
     for weights, centroids in cc._kmeans_cases(rng, 20):
         _, new = cc.reference_step(weights, centroids)
-        one = clustering.kmeans(weights, len(centroids), iterations=1, centroids=centroids)
+        one = kmeans.kmeans(weights, len(centroids), iterations=1, centroids=centroids)
         assert np.allclose(np.sort(new), one.centroids, rtol=1e-6, atol=1e-6 * np.abs(weights).max())
 
 

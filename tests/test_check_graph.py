@@ -12,7 +12,7 @@ import pytest
 
 import labkit.check.graph as checkers      # the chapter module itself: no need to load every chapter's checkers
 import labkit.check.solutions as solutions
-from labkit import ROOT, check, graph
+from labkit import ROOT, check, folding
 
 
 # ----------------------------------------------------------------------------- batchnorm_inference
@@ -125,7 +125,7 @@ def fold_einsum_in_place(kernel, bias, gamma, beta, mean, variance, epsilon):
     return np.einsum("hwio,o->hwio", kernel, gamma * inv_std), bias
 
 
-@pytest.mark.parametrize("answer", [solutions.fold_conv_bn, graph.fold_conv_bn, fold_loops, fold_einsum_in_place])
+@pytest.mark.parametrize("answer", [solutions.fold_conv_bn, folding.fold_conv_bn, fold_loops, fold_einsum_in_place])
 def test_fold_conv_bn_accepts_correct_answers(answer, capsys):
     checkers.fold_conv_bn(answer)
     out = capsys.readouterr().out
@@ -184,12 +184,12 @@ def test_fold_conv_bn_names_the_mistake(mistake):
 def test_fold_conv_bn_checks_the_folded_weights_as_a_convolution(monkeypatch):
     """The last stage runs conv(x, folded) against Conv2D -> BatchNormalization: a fold that matched a
     broken reference would still be caught there."""
-    reference = graph.fold_conv_bn
+    reference = folding.fold_conv_bn
 
     def off_by_one_in_the_bias(*args):   # right on the 1x1 case by hand, wrong on every 3x3 kernel
         kernel, bias = reference(*args)
         return kernel, bias + (1.0 if kernel.shape[0] > 1 else 0.0)
-    monkeypatch.setattr(graph, "fold_conv_bn", off_by_one_in_the_bias)
+    monkeypatch.setattr(folding, "fold_conv_bn", off_by_one_in_the_bias)
     with pytest.raises(check.ExerciseError, match="conv\\(x, your kernel\\) \\+ your bias differs"):
         checkers.fold_conv_bn(off_by_one_in_the_bias)
 
@@ -197,7 +197,7 @@ def test_fold_conv_bn_checks_the_folded_weights_as_a_convolution(monkeypatch):
 def test_fold_case_by_hand_is_what_labkit_computes_and_its_mistakes_differ():
     kernel = np.array([[[[1.0, 2.0], [3.0, 4.0]]]], np.float32)
     params = [np.array(p, np.float32) for p in ([0.5, 1.0], [4.0, 3.0], [1.0, 0.0], [1.0, -1.0], [3.0, 8.0])]
-    new_kernel, new_bias = graph.fold_conv_bn(kernel, *params, 1.0)
+    new_kernel, new_bias = folding.fold_conv_bn(kernel, *params, 1.0)
     np.testing.assert_allclose(new_kernel, [[[[2.0, 2.0], [6.0, 4.0]]]])
     np.testing.assert_allclose(new_bias, [0.0, 2.0])
     for mistakes, right in zip(checkers._fold_mistakes(kernel, *params, 1.0), (new_kernel, new_bias)):

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from labkit import clustering, graph, measure, models
+from labkit import clustering, folding, kmeans, measure, models
 
 
 def mixture(seed=0):
@@ -24,13 +24,13 @@ def test_assign_is_the_nearest_centroid():
     w = rng.standard_normal((40, 30))
     c = np.sort(rng.standard_normal(7))
     brute = np.argmin(np.abs(w[..., None] - c), axis=-1)
-    np.testing.assert_array_equal(clustering.assign(w, c), brute)
+    np.testing.assert_array_equal(kmeans.assign(w, c), brute)
 
 
-@pytest.mark.parametrize("init", clustering.INITS)
+@pytest.mark.parametrize("init", kmeans.INITS)
 def test_kmeans_recovers_known_centres(init):
     centres, w = mixture()
-    codebook = clustering.kmeans(w, 4, init, seed=0)
+    codebook = kmeans.kmeans(w, 4, init, seed=0)
     np.testing.assert_allclose(codebook.centroids, centres, atol=0.01)
     history = codebook.mse_history
     assert all(b <= a + 1e-15 for a, b in zip(history, history[1:])), "Lloyd raised the error"
@@ -40,20 +40,20 @@ def test_kmeans_recovers_known_centres(init):
 
 def test_starts():
     w = np.linspace(-1, 3, 1001)
-    np.testing.assert_allclose(clustering.init_centroids(w, 5, "linear"), [-1, 0, 1, 2, 3])
+    np.testing.assert_allclose(kmeans.init_centroids(w, 5, "linear"), [-1, 0, 1, 2, 3])
     # density: equal steps in probability, the last one at the largest weight
-    density = clustering.init_centroids(w, 5, "density")
+    density = kmeans.init_centroids(w, 5, "density")
     np.testing.assert_allclose(density, np.quantile(w, np.linspace(0.01, 1, 5)), atol=4 / 1000)
     # k-means++ reaches for an isolated far-away group (squared-distance sampling)
     rng = np.random.default_rng(0)
     far = np.concatenate([0.1 * rng.standard_normal(10000), np.full(10, 100.0)])
-    assert clustering.init_centroids(far, 2, "kmeans++", seed=0).max() == 100.0
+    assert kmeans.init_centroids(far, 2, "kmeans++", seed=0).max() == 100.0
 
 
 def test_kmeans_leaves_an_empty_cluster_where_it_is():
     """A duplicate start (tfmot's density start has them) leaves a cluster empty; its centroid stays put."""
     x = np.random.default_rng(4).choice([-1.0, -0.9, 0.25, 1.0], size=200)
-    codebook = clustering.kmeans(x, 4, centroids=[-1.0, 0.6, 0.6, 1.0])
+    codebook = kmeans.kmeans(x, 4, centroids=[-1.0, 0.6, 0.6, 1.0])
     np.testing.assert_allclose(codebook.centroids, [x[x < 0].mean(), 0.25, 0.6, 1.0], atol=1e-7)
     assert np.bincount(codebook.indices, minlength=4)[2] == 0
 
@@ -61,12 +61,12 @@ def test_kmeans_leaves_an_empty_cluster_where_it_is():
 def test_codebook_storage_and_decode():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((100, 10)).astype(np.float32)
-    codebook = clustering.kmeans(w, 16, "linear")
+    codebook = kmeans.kmeans(w, 16, "linear")
     assert codebook.indices.shape == w.shape and codebook.indices.dtype == np.uint8
     np.testing.assert_array_equal(codebook.decode(), codebook.centroids[codebook.indices])
     assert codebook.index_bits() == 4
     assert codebook.storage_bytes() == 16 * 4 + 1000 * 4 // 8
-    assert clustering.kmeans(w, 5, "linear").index_bits() == 3
+    assert kmeans.kmeans(w, 5, "linear").index_bits() == 3
 
 
 # ----------------------------------------------------------------------------- bad settings
@@ -74,7 +74,7 @@ def test_codebook_storage_and_decode():
 @pytest.mark.parametrize("k", [1, 0, -3, 2.5, True, "8"])
 def test_bad_cluster_counts(k):
     with pytest.raises(ValueError, match="k"):
-        clustering.check_clusters(k, 100)
+        kmeans.check_clusters(k, 100)
 
 
 def test_bad_settings_raise_clear_errors(tiny_model):
@@ -96,7 +96,7 @@ def test_bad_settings_raise_clear_errors(tiny_model):
     with pytest.raises(ValueError, match="splits"):
         clustering.cluster(tiny_model, 4, plan=models.FineTune(train_subset=64))
     with pytest.raises(ValueError, match="starting centroids"):
-        clustering.kmeans(np.arange(10.0), 3, centroids=[0.0, 1.0])
+        kmeans.kmeans(np.arange(10.0), 3, centroids=[0.0, 1.0])
 
 
 def test_sparse_check_predicts_tfmot_failure(tiny_model):
@@ -139,7 +139,7 @@ def test_tfmot_skips_a_conv_without_bias_per_channel_and_labkit_says_why(tiny_mo
     with pytest.raises(ValueError, match="needs a Conv2D with a bias"):
         clustering.tfmot_layer_clusters(tiny_model, "conv2", 4, per_channel=True)
     with pytest.raises(ValueError, match="more than the 9 weights"):   # conv1: 3 x 3 x 1 per channel
-        clustering.tfmot_layer_clusters(graph.fold_batchnorm(tiny_model), "conv1", 16, per_channel=True)
+        clustering.tfmot_layer_clusters(folding.fold_batchnorm(tiny_model), "conv1", 16, per_channel=True)
 
 
 def test_folding_and_codebooks(tiny_bn_model):

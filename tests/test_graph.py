@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from labkit import graph, measure, models
+from labkit import folding, graph, measure, models
 
 
 def randomize_batchnorm(model, seed=0):
@@ -91,13 +91,13 @@ def test_fold_conv_bn_equals_tensorflow_conv_then_batchnorm():
     gamma, variance = rng.uniform(0.5, 2, 5).astype(np.float32), rng.uniform(0.1, 3, 5).astype(np.float32)
     reference = tf.nn.batch_normalization(tf.nn.conv2d(x, kernel, 1, "SAME") + bias,
                                           mean, variance, beta, gamma, 1e-3).numpy()
-    new_kernel, new_bias = graph.fold_conv_bn(kernel, bias, gamma, beta, mean, variance, 1e-3)
+    new_kernel, new_bias = folding.fold_conv_bn(kernel, bias, gamma, beta, mean, variance, 1e-3)
     folded = (tf.nn.conv2d(x, new_kernel, 1, "SAME") + new_bias).numpy()
     np.testing.assert_allclose(folded, reference, atol=1e-5)
 
 
 def test_fold_batchnorm_removes_every_bn_and_keeps_the_outputs(tiny, images):
-    folded = graph.fold_batchnorm(tiny)
+    folded = folding.fold_batchnorm(tiny)
     assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
     convs = [l for l in folded.layers if isinstance(l, keras.layers.Conv2D)]
     assert len(convs) == 2 and all(c.use_bias for c in convs)
@@ -108,7 +108,7 @@ def test_fold_batchnorm_removes_every_bn_and_keeps_the_outputs(tiny, images):
 
 
 def test_fold_batchnorm_gives_the_layout_of_build_cnn_without_batchnorm(tiny, images):
-    folded = graph.fold_batchnorm(tiny)
+    folded = folding.fold_batchnorm(tiny)
     plain = models.build_cnn((4, 8), 16, batchnorm=False)
     assert [(l.name, type(l).__name__) for l in folded.layers] == [(l.name, type(l).__name__) for l in plain.layers]
     for name in ("conv1", "conv2"):
@@ -125,7 +125,7 @@ def test_fold_keeps_a_relu_it_cannot_take_over(images):
                               keras.layers.BatchNormalization(), keras.layers.ReLU(max_value=0.5),
                               keras.layers.Flatten(), keras.layers.Dense(4)])
     randomize_batchnorm_partial(model)
-    folded = graph.fold_batchnorm(model)
+    folded = folding.fold_batchnorm(model)
     assert [type(l).__name__ for l in folded.layers[1:]] == ["Conv2D", "ReLU", "Flatten", "Dense"]
     assert folded.layers[1].activation is keras.activations.linear
     assert graph.max_abs_diff(model, folded, images) <= 1e-5
@@ -140,7 +140,7 @@ def test_fold_handles_a_conv_bias_and_a_bn_without_scale_or_center(images):
                               keras.layers.Flatten(), keras.layers.Dense(4)])
     model.layers[0].set_weights([model.layers[0].kernel.numpy(), np.arange(3, dtype=np.float32)])
     randomize_batchnorm_partial(model)
-    folded = graph.fold_batchnorm(model)
+    folded = folding.fold_batchnorm(model)
     assert [type(l).__name__ for l in folded.layers[1:]] == ["Conv2D", "Conv2D", "Flatten", "Dense"]
     assert graph.max_abs_diff(model, folded, images) <= 1e-4
 
@@ -157,7 +157,7 @@ def test_fold_leaves_a_conv_with_an_activation_alone(images):
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(3, 3, activation="relu"),
                               keras.layers.BatchNormalization(), keras.layers.GlobalAveragePooling2D()])
     randomize_batchnorm_partial(model)
-    folded = graph.fold_batchnorm(model)
+    folded = folding.fold_batchnorm(model)
     assert any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
     assert graph.max_abs_diff(model, folded, images) <= 1e-5
 
@@ -168,7 +168,7 @@ def test_fold_refuses_a_model_with_branches():
     b = keras.layers.Conv2D(2, 1)(inputs)
     model = keras.Model(inputs, keras.layers.Add()([a, b]))
     with pytest.raises(ValueError, match="chain"):
-        graph.fold_batchnorm(model)
+        folding.fold_batchnorm(model)
 
 
 def test_the_tflite_converter_folds_batchnorm_like_we_do(tiny, tmp_path):
@@ -177,7 +177,7 @@ def test_the_tflite_converter_folds_batchnorm_like_we_do(tiny, tmp_path):
     assert not ops["op"].str.contains("NORM|BATCH|RELU$", regex=True).any(), ops["op"].tolist()
     convs = ops[ops["op"] == "CONV_2D"]
     assert len(convs) == 2 and (convs["fused_activation"] == "RELU").all()
-    folded = graph.fold_batchnorm(tiny)
+    folded = folding.fold_batchnorm(tiny)
     ours = [l.get_weights() for l in folded.layers if isinstance(l, keras.layers.Conv2D)]
     theirs = graph.tflite_conv_weights(path)
     assert len(theirs) == len(ours)

@@ -63,7 +63,7 @@ def test_pareto_plot_rings_the_front():
 
 def test_frontier_remeasures_every_file_on_validation_and_names_missing_notebooks(
         tmp_path, monkeypatch, tiny_model, tiny_plain_model, splits):
-    """results.frontier: one row per file (the baseline's name where it is among the file's variants),
+    """bench.frontier: one row per file (the baseline's name where it is among the file's variants),
     validation accuracy, latencies from one run; notes name the notebook to run first."""
     from labkit import bench, measure, models
     from labkit.data import Splits
@@ -73,13 +73,13 @@ def test_frontier_remeasures_every_file_on_validation_and_names_missing_notebook
     small = Splits(splits.x_train[:10], splits.y_train[:10], splits.x_val[:200], splits.y_val[:200],
                    splits.x_test[:10], splits.y_test[:10])
     rows = [("runtime-litert", "runtime", "05_graph", "a.tflite"),
-            (bench.BASELINE_VARIANT, "baseline", "01_baseline", "a.tflite"),
+            (results.BASELINE_VARIANT, "baseline", "01_baseline", "a.tflite"),
             ("plain", "pruning", "02_pruning", "b.tflite"),
             ("gone", "clustering", "03_clustering", "gone.tflite")]
     store = pd.DataFrame([{"variant": v, "technique": t, "notebook": n, "artifact": a, "size_bytes": 100,
                            "gzip_bytes": 80 + i} for i, (v, t, n, a) in enumerate(rows)])
-    table, notes = results.frontier(small, store, repeats=5, warmup=1)
-    assert list(table["variant"]) == [bench.BASELINE_VARIANT, "plain"]
+    table, notes = bench.frontier(small, store, repeats=5, warmup=1)
+    assert list(table["variant"]) == [results.BASELINE_VARIANT, "plain"]
     assert table.loc[0, "shared_with"] == "runtime-litert" and table.loc[0, "technique"] == "baseline"
     expected = np.mean(np.argmax(measure.litert(tmp_path / "a.tflite")(small.x_val), axis=1) == small.y_val)
     assert table.loc[0, "accuracy"] == pytest.approx(expected)    # validation, not test
@@ -87,4 +87,4 @@ def test_frontier_remeasures_every_file_on_validation_and_names_missing_notebook
     assert any("gone.tflite" in note and "03_clustering" in note for note in notes)
     assert any("run 04_quantization.ipynb first" in note for note in notes)
     assert not any("02_pruning.ipynb first" in note for note in notes)
-    assert results.missing_notebooks(store, ("01_baseline", "09_serving")) == ["09_serving"]
+    assert bench.missing_notebooks(store, ("01_baseline", "09_serving")) == ["09_serving"]

@@ -1,8 +1,8 @@
 """Checkers for notebook 03's exercises: one Lloyd step of k-means, and the bytes of a codebook.
 
-kmeans_step is judged against `clustering.assign` (the nearest centroid) and the centroid update of
-`clustering.kmeans`, in the centroids' given order (kmeans itself sorts them); codebook_bytes
-against `clustering.Codebook.storage_bytes`.
+kmeans_step is judged against `kmeans.assign` (the nearest centroid) and the centroid update of
+`kmeans.kmeans`, in the centroids' given order (kmeans itself sorts them); codebook_bytes
+against `kmeans.Codebook.storage_bytes`.
 """
 from __future__ import annotations
 
@@ -11,22 +11,22 @@ import numbers
 
 import numpy as np
 
-from labkit import clustering
+from labkit import kmeans
 from labkit.check import exercise, fail
 
-FLOAT32_BYTES = clustering.FLOAT32_BYTES
+FLOAT32_BYTES = kmeans.FLOAT32_BYTES
 
 
 # ----------------------------------------------------------------------------- kmeans_step
 
 def _nearest(weights: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """clustering.assign for centroids in any order: the index into `centroids` as given."""
+    """kmeans.assign for centroids in any order: the index into `centroids` as given."""
     order = np.argsort(centroids, kind="stable")
-    return order[clustering.assign(weights, centroids[order])]
+    return order[kmeans.assign(weights, centroids[order])]
 
 
 def _update(weights: np.ndarray, labels: np.ndarray, centroids: np.ndarray, empty=None) -> np.ndarray:
-    """Each centroid moved to the mean of its weights (clustering.kmeans's update); an empty cluster
+    """Each centroid moved to the mean of its weights (kmeans.kmeans's update); an empty cluster
     keeps its centroid, or takes `empty` (what a typical mistake gives it)."""
     k = len(centroids)
     counts = np.bincount(labels, minlength=k)
@@ -180,7 +180,7 @@ def _judge_step(call, weights, centroids) -> None:
         _diagnose_centroids(new, expected_new, expected_labels, w, c, args)
 
 
-@exercise("kmeans_step", "03", "clustering.kmeans",
+@exercise("kmeans_step", "03", "kmeans.kmeans",
           "kmeans_step(weights, centroids) -> (labels, new_centroids)")
 def kmeans_step(call):
     """One Lloyd iteration on 1-D weights: 4 cases by hand (unsorted centroids, an empty cluster),
@@ -191,14 +191,14 @@ def kmeans_step(call):
     cases = 30
     for weights, centroids in _kmeans_cases(rng, cases):
         _judge_step(call, weights, centroids)
-    return f"{len(_KMEANS_BY_HAND)} cases by hand, {cases} random ones against clustering.assign and kmeans's update"
+    return f"{len(_KMEANS_BY_HAND)} cases by hand, {cases} random ones against kmeans.assign and kmeans's update"
 
 
 # ----------------------------------------------------------------------------- codebook_bytes
 
 def reference_bytes(num_weights: int, clusters: int) -> int:
-    """clustering.Codebook.storage_bytes for `num_weights` indices into `clusters` centroids."""
-    codebook = clustering.Codebook(np.zeros(clusters, np.float32),
+    """kmeans.Codebook.storage_bytes for `num_weights` indices into `clusters` centroids."""
+    codebook = kmeans.Codebook(np.zeros(clusters, np.float32),
                                    np.broadcast_to(np.uint8(0), (num_weights,)), [])
     return codebook.storage_bytes()
 
@@ -279,11 +279,11 @@ def _judge_bytes(call, n: int, k: int) -> None:
                            f"got {got:,g}", (n, k))
 
 
-@exercise("codebook_bytes", "03", "clustering.Codebook.storage_bytes",
+@exercise("codebook_bytes", "03", "kmeans.Codebook.storage_bytes",
           "codebook_bytes(num_weights, clusters) -> int")
 def codebook_bytes(call):
     """Bytes of a float32 codebook plus densely packed indices: 7 cases by hand, then 40 random ones
-    against clustering.Codebook.storage_bytes."""
+    against kmeans.Codebook.storage_bytes."""
     for n, k in _CODEBOOK_BY_HAND:
         _judge_bytes(call, n, k)
     rng = np.random.default_rng(304)
@@ -292,4 +292,4 @@ def codebook_bytes(call):
         k = int(rng.choice([int(rng.integers(1, 70)), 2 ** int(rng.integers(1, 13)), int(rng.integers(2, 5000))]))
         n = int(rng.integers(1, 2_000_000))
         _judge_bytes(call, n, k)
-    return f"{len(_CODEBOOK_BY_HAND)} cases by hand, {cases} random ones against clustering.Codebook.storage_bytes"
+    return f"{len(_CODEBOOK_BY_HAND)} cases by hand, {cases} random ones against kmeans.Codebook.storage_bytes"

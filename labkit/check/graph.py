@@ -1,6 +1,6 @@
 """Checkers for notebook 05's exercises: batch norm in inference mode, and folding it into a convolution.
 
-The references are tf_keras's own BatchNormalization layer (training=False) and `graph.fold_conv_bn`;
+The references are tf_keras's own BatchNormalization layer (training=False) and `folding.fold_conv_bn`;
 the folded weights are also run through a real convolution. TensorFlow is imported inside the checkers,
 never when this module is imported.
 """
@@ -268,13 +268,13 @@ def _conv(x, kernel, bias) -> np.ndarray:
     return y.numpy().astype(np.float64)
 
 
-@exercise("fold_conv_bn", "05", "graph.fold_conv_bn",
+@exercise("fold_conv_bn", "05", "folding.fold_conv_bn",
           "fold_conv_bn(kernel, bias, gamma, beta, mean, variance, epsilon) -> (kernel, bias), "
           "kernel (kh, kw, in, out) as Keras stores a Conv2D's")
 def fold_conv_bn(call):
-    """One 1x1 case by hand, random kernels against graph.fold_conv_bn, then the folded weights run as a
+    """One 1x1 case by hand, random kernels against folding.fold_conv_bn, then the folded weights run as a
     convolution against tf_keras Conv2D -> BatchNormalization (training=False) on a small image."""
-    from labkit import graph
+    from labkit import folding
 
     # By hand: scale = [4 / 2, 3 / 3] = [2, 1]; output channel 0's filter doubles, channel 1's stays;
     # bias = [(0.5 - 1) * 2 + 1, (1 + 1) * 1 + 0] = [0, 2].
@@ -291,7 +291,7 @@ def fold_conv_bn(call):
     for kh, channels_in, channels_out in shapes:
         for epsilon in (1e-3, 0.1):
             case = _random_fold_case(rng, kh, channels_in, channels_out)
-            _check_fold(call, *case, epsilon, graph.fold_conv_bn(*case, epsilon))
+            _check_fold(call, *case, epsilon, folding.fold_conv_bn(*case, epsilon))
             cases += 1
 
     convolutions = 0
@@ -300,11 +300,11 @@ def fold_conv_bn(call):
         epsilon = 1e-3
         x = rng.normal(0, 1, (2, 6, 6, channels_in)).astype(np.float32)
         expected = _conv_then_batchnorm(x, *case, epsilon)
-        folded_kernel, folded_bias = _check_fold(call, *case, epsilon, graph.fold_conv_bn(*case, epsilon))
+        folded_kernel, folded_bias = _check_fold(call, *case, epsilon, folding.fold_conv_bn(*case, epsilon))
         got = _conv(x, folded_kernel, folded_bias)
         if not np.allclose(got, expected, rtol=1e-4, atol=1e-4):
             fail("fold_conv_bn", f"conv(x, your kernel) + your bias differs from batchnorm(conv(x)): "
                                  f"{_worst(got, expected)}", case + (epsilon,))
         convolutions += 1
-    return (f"1 case by hand, {cases} random ones against graph.fold_conv_bn, {convolutions} folded convolutions "
+    return (f"1 case by hand, {cases} random ones against folding.fold_conv_bn, {convolutions} folded convolutions "
             "run on small images against tf_keras Conv2D -> BatchNormalization")
