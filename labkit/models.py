@@ -8,12 +8,12 @@ Technique modules build on these; this module knows no technique.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
@@ -21,7 +21,7 @@ import numpy as np
 tf = labkit.import_tensorflow_quietly(start_runtime=False)
 import tf_keras as keras  # noqa: E402
 
-from labkit import ARTIFACTS_DIR
+from labkit import ARTIFACTS_DIR, files
 
 
 @dataclass(frozen=True)
@@ -272,22 +272,16 @@ def settings_key(settings) -> str:
             return _json_value(value)
         except TypeError:
             return str(value)
-    blob = json.dumps(settings, sort_keys=True, default=key_value)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return files.content_key(json.dumps(settings, sort_keys=True, default=key_value))
 
 
 def save_cached(model: keras.Model, record: dict, path: Path) -> None:
-    """Save a model and its JSON record into the cache (notebooks 01-08).
+    """Save a model and its JSON record into the cache, each written whole or not at all.
 
-    The model goes to a temporary name first, so an interrupted save never leaves half a model;
-    the record is written last, and a cache entry counts only when both files exist.
+    The record is written last: a cache entry counts only when both files exist.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
-    _write_json_atomically(record, path.with_suffix(".json"))
+    files.write_atomic(path, model.save)
+    files.write_json(Path(path).with_suffix(".json"), record, default=_json_value)
 
 
 def load_cached(path: Path, compile: bool = True):
@@ -307,63 +301,64 @@ def clone_with_weights(model: keras.Model) -> keras.Model:
 
 
 def weights_key(obj) -> str:
-    """Ten hex digits naming what a cache entry was built from: a Keras model's weights, a file's bytes.
+    """Ten hex digits naming what a cache entry was built from: a model's weights, a file's bytes.
 
     Two models with the same settings but different weights get different keys, so a cache never
     hands back an artifact built from another model. A str that is not a file is hashed as it is.
     """
-    digest = hashlib.sha256()
     if isinstance(obj, keras.Model):
-        for w in obj.get_weights():
-            digest.update(str(w.shape).encode())
-            digest.update(np.ascontiguousarray(w).tobytes())
-    elif isinstance(obj, Path) or (isinstance(obj, str) and Path(obj).is_file()):
-        digest.update(Path(obj).read_bytes())
-    elif isinstance(obj, str):
-        digest.update(obj.encode())
-    else:
-        raise TypeError(f"a cache input is a Keras model, a file path or a string, got {type(obj).__name__}")
-    return digest.hexdigest()[:10]
+        return files.content_key(*obj.get_weights())
+    if isinstance(obj, Path) or (isinstance(obj, str) and Path(obj).is_file()):
+        return files.content_key(Path(obj).read_bytes())
+    if isinstance(obj, str):
+        return files.content_key(obj)
+    raise TypeError(f"a cache input is a Keras model, a file path or a string, "
+                    f"got {type(obj).__name__}")
 
 
-def _write_json_atomically(record: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=_json_value))
-    tmp.replace(path)
+@dataclass(frozen=True)
+class Store:
+    """How the cache keeps one kind of artifact: its file suffix, `save(artifact, path)` and
+    `load(path)`. A tfmot QAT model, which does not load back from .keras, stores its weights."""
+    suffix: str
+    save: Callable
+    load: Callable
 
 
-def cached(name: str, settings: dict, inputs, build, directory: Path, *, kind: str = "keras"):
-    """The one model cache: (artifact, record) from `directory`, or built now and stored.
+KERAS_STORE = Store(".keras", lambda model, path: model.save(path),
+                    lambda path: keras.models.load_model(path, compile=False))
+TFLITE_STORE = Store(".tflite", lambda source, path: save_tflite(source, path), lambda path: path)
+STORES = {"keras": KERAS_STORE, "tflite": TFLITE_STORE}
+
+
+def cached(name: str, settings: dict, inputs, build, directory: Path, *, kind="keras"):
+    """The one cache: (artifact, record) from `directory`, or built now and stored.
 
     The key hashes `settings` and the weights of every input model (or the bytes of every input
-    file), so a change to either builds a new entry. `build()` returns (artifact, record):
-    kind="keras": a Keras model, stored as <name>-<key>.keras; kind="tflite": a Keras model, a
-    TFLiteConverter or bytes, stored as <name>-<key>.tflite and returned as its path. The record is
-    saved beside it as JSON, written last: an entry counts only when both files exist.
+    file), so a change to either builds a new entry. `build()` returns (artifact, record). `kind`
+    is "keras" (a Keras model, <name>-<key>.keras), "tflite" (a Keras model, a TFLiteConverter or
+    bytes, stored as <name>-<key>.tflite and returned as its path) or a `Store` of your own. The
+    record is saved beside it as <name>-<key>.json, written last: an entry counts only when both
+    files exist.
     """
-    if kind not in ("keras", "tflite"):
-        raise ValueError(f"kind must be 'keras' or 'tflite', got {kind!r}")
+    store = STORES.get(kind) if isinstance(kind, str) else kind
+    if not isinstance(store, Store):
+        raise ValueError(f"kind must be 'keras', 'tflite' or a models.Store, got {kind!r}")
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     input_keys = [weights_key(i) for i in inputs]
     key = settings_key({"settings": settings, "inputs": input_keys})
-    path = Path(directory) / f"{name}-{key}.{kind}"
-    record_path = path.with_suffix(".json")
+    path = Path(directory) / f"{name}-{key}{store.suffix}"
+    record_path = Path(directory) / f"{name}-{key}.json"
     if path.exists() and record_path.is_file():
-        record = {**json.loads(record_path.read_text()), "cached": True}
-        if kind == "tflite":
-            return path, record
-        return keras.models.load_model(path, compile=False), record
+        return store.load(path), {**json.loads(record_path.read_text()), "cached": True}
     start = time.perf_counter()
     artifact, record = build()
     record = {**(record or {}), "settings": settings, "inputs": input_keys}
-    if kind == "tflite":
-        save_tflite(artifact, path)   # a converter converts here: part of the build time
-        record["build_seconds"] = time.perf_counter() - start
-        _write_json_atomically(record, record_path)
-        return path, {**record, "cached": False}
+    files.write_atomic(path, lambda tmp: store.save(artifact, tmp))   # a converter converts here
     record["build_seconds"] = time.perf_counter() - start
-    save_cached(artifact, record, path)
-    return artifact, {**record, "cached": False}
+    files.write_json(record_path, record, default=_json_value)
+    stored = path if store is TFLITE_STORE else artifact
+    return stored, {**record, "cached": False}
 
 
 @contextmanager
@@ -405,12 +400,7 @@ def save_tflite(source, path: Path) -> Path:
     else:
         raise TypeError(f"save_tflite takes a Keras model, a TFLiteConverter or bytes, "
                         f"got {type(source).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(content)
-    tmp.replace(path)
-    return path
+    return files.write_atomic(path, lambda tmp: tmp.write_bytes(content))
 
 
 def export_baseline(model: keras.Model, config: BaselineConfig = BaselineConfig(),
@@ -421,12 +411,9 @@ def export_baseline(model: keras.Model, config: BaselineConfig = BaselineConfig(
              "savedmodel": keras_path.with_name(keras_path.stem + "_savedmodel"),
              "tflite": keras_path.with_name(keras_path.stem + "_float32.tflite")}
     if not keras_path.is_file():
-        keras_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = keras_path.with_name(keras_path.stem + ".tmp.keras")
-        model.save(tmp)
-        tmp.replace(keras_path)
+        files.write_atomic(keras_path, model.save)
     if not (paths["savedmodel"] / "saved_model.pb").is_file():
-        tf.saved_model.save(model, str(paths["savedmodel"]))
+        files.write_atomic(paths["savedmodel"], lambda tmp: tf.saved_model.save(model, str(tmp)))
     if not paths["tflite"].is_file():
         save_tflite(model, paths["tflite"])
     return paths
