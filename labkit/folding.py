@@ -6,10 +6,11 @@ graph chapter) takes it from here.
 """
 from __future__ import annotations
 
-import labkit
 import numpy as np
 
-labkit.import_tensorflow_quietly(start_runtime=False)  # noqa: E402  (no C++ start-up lines)
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
+
+labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines, kept quiet
 import tf_keras as keras  # noqa: E402
 
 
@@ -17,9 +18,10 @@ def fold_conv_bn(kernel, bias, gamma, beta, mean, variance, epsilon):
     """One convolution that computes batchnorm(conv(x)) in inference mode: (kernel, bias).
 
     bn(z) = gamma * (z - mean) / sqrt(variance + epsilon) + beta is affine per output channel and
-    z = conv(x, kernel) + bias is linear in the kernel, so with s = gamma / sqrt(variance + epsilon):
-    bn(conv(x)) = conv(x, kernel * s) + (bias - mean) * s + beta. The kernel's last axis is the
-    output channel (Keras HWIO layout), so `* s` scales each output channel's filter.
+    z = conv(x, kernel) + bias is linear in the kernel, so with
+    s = gamma / sqrt(variance + epsilon): bn(conv(x)) = conv(x, kernel * s) + (bias - mean) * s
+    + beta. The kernel's last axis is the output channel (Keras HWIO layout), so `* s` scales each
+    output channel's filter.
     """
     scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(variance, np.float64) + epsilon)
     new_kernel = np.asarray(kernel, np.float64) * scale
@@ -28,7 +30,8 @@ def fold_conv_bn(kernel, bias, gamma, beta, mean, variance, epsilon):
 
 
 def _bn_parameters(bn) -> tuple:
-    """gamma, beta, moving mean, moving variance of a BatchNormalization layer (ones/zeros if absent)."""
+    """gamma, beta, moving mean, moving variance of a BatchNormalization layer (ones/zeros if
+    absent)."""
     channels = bn.moving_mean.shape[0]
     gamma = bn.gamma.numpy() if bn.scale else np.ones(channels, np.float32)
     beta = bn.beta.numpy() if bn.center else np.zeros(channels, np.float32)
@@ -44,27 +47,33 @@ def _check_chain(model: keras.Model) -> list:
         inbound = layer["inbound_nodes"]
         sources = [t[0] for node in inbound for t in node]
         if sources != [previous["name"]]:
-            raise ValueError(f"fold_batchnorm handles a plain chain of layers; layer {layer['name']!r} "
-                             f"takes {sources or 'nothing'}, not just {previous['name']!r}")
+            raise ValueError(f"fold_batchnorm handles a plain chain of layers; layer "
+                             f"{layer['name']!r} takes {sources or 'nothing'}, not just "
+                             f"{previous['name']!r}")
     return [model.get_layer(layer["name"]) for layer in layers[1:]]
 
 
 def foldable(layer, following) -> bool:
-    """True for a Conv2D without activation followed by a BatchNormalization over its channel axis."""
-    return (type(layer) is keras.layers.Conv2D and isinstance(following, keras.layers.BatchNormalization)
-            and layer.activation is keras.activations.linear and layer.data_format == "channels_last"
-            and list(following.axis) in ([3], [-1]))
+    """True for a Conv2D without activation followed by a BatchNormalization over its channel
+    axis."""
+    return (type(layer) is keras.layers.Conv2D
+            and isinstance(following, keras.layers.BatchNormalization)
+            and layer.activation is keras.activations.linear
+            and layer.data_format == "channels_last" and list(following.axis) in ([3], [-1]))
 
 
 def plain_relu(layer) -> bool:
-    """True for a ReLU layer (or Activation("relu")) that a conv can take over as its own activation."""
+    """True for a ReLU layer (or Activation("relu")) that a conv can take over as its own
+    activation."""
     if isinstance(layer, keras.layers.ReLU):
-        return layer.max_value is None and float(layer.negative_slope) == 0 and float(layer.threshold) == 0
+        return (layer.max_value is None and float(layer.negative_slope) == 0
+                and float(layer.threshold) == 0)
     return isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.relu
 
 
 def fold_batchnorm(model: keras.Model, name: str | None = None) -> keras.Model:
-    """A copy of a chain model with each Conv2D -> BatchNormalization pair merged into one Conv2D with a bias.
+    """A copy of a chain model with each Conv2D -> BatchNormalization pair merged into one Conv2D
+    with a bias.
 
     A ReLU right after the pair becomes the conv's own activation, so a build_cnn(batchnorm=True)
     model comes out laid out as build_cnn(batchnorm=False): conv{i} (bias, ReLU) -> pool{i} ... with

@@ -1,37 +1,37 @@
-"""Graph optimization (notebook 05, sections 1-4): `python -m labkit.graph` prints the figures.
+"""Graph optimization: what happens between a Keras model and the graph a runtime executes.
 
-Owns what happens between a Keras model and the graph a runtime executes, one step at a time:
-
-1. freeze: the variables of a traced function become constants (op counts before and after);
-2. Grappler: TensorFlow's graph optimizer folds constants and fuses op patterns;
-3. batch-norm folding: `fold_conv_bn` (the math) and `fold_batchnorm`, the book's only BN folding
-   (notebook 07's pipeline and notebook 04's int8 check use it too), checked against the unfolded
-   model and against the TFLite converter's weights; `converter_passes` shows that the converter
-   folds and fuses in its own MLIR passes, not with Grappler;
-4. XLA: compile cost on the first call at each new shape, then the steady state.
-
-Running the model on other runtimes and the compute floor are in `labkit/runtimes.py`.
-Functions return models, graphs and numbers; the notebook draws.
+Freezing (variables become constants), Grappler (TensorFlow's graph optimizer folds constants
+and fuses op patterns), what the TFLite converter makes of the graph in its own MLIR passes
+(`converter_passes`, `tflite_conv_weights`: the batch-norm folding of `labkit/folding.py` seen in
+the file) and XLA (compile cost at each new shape, then the steady state; shape buckets). Other
+runtimes and the compute floor are in `labkit/runtimes.py`; `python -m labkit.targets.graph`
+measures the chapter's figures. Functions return models, graphs and numbers; the notebook draws.
 """
 from __future__ import annotations
 
 import collections
 import re
+import tempfile
 import time
 from pathlib import Path
 
-import labkit
 import numpy as np
 import pandas as pd
 
-tf = labkit.import_tensorflow_quietly(start_runtime=False)  # `python -m labkit.graph` imports it before setup
-import tf_keras as keras
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 
-from labkit import machine
-from labkit import ARTIFACTS_DIR, measure, tflite
+tf = labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines, kept quiet
+import tf_keras as keras  # noqa: E402
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, rewriter_config_pb2  # noqa: E402
+from tensorflow.python.framework.convert_to_constants import (  # noqa: E402
+    convert_variables_to_constants_v2,
+)
+from tensorflow.python.grappler import tf_optimizer  # noqa: E402
 
-GRAPH_DIR = ARTIFACTS_DIR / "graph"
-LARGE_BATCH = 256            # "a large batch" everywhere in notebook 05
+from labkit import files, measure, models, tflite  # noqa: E402
+
+GRAPH_DIR = labkit.ARTIFACTS_DIR / "graph"
+LARGE_BATCH = 256            # "a large batch" in every batch-size comparison of the chapter
 CPU_DEVICE = "/device:CPU:0"
 
 
@@ -45,7 +45,6 @@ def concrete_function(model: keras.Model):
 
 def freeze(model: keras.Model):
     """(the traced graph, the frozen function): every variable read becomes a Const node."""
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
     function = concrete_function(model)
     return function.graph.as_graph_def(), convert_variables_to_constants_v2(function)
 
@@ -62,7 +61,8 @@ BOOKKEEPING_OPS = frozenset({"Const", "Placeholder", "Identity", "NoOp"})
 
 
 def compute_op_count(graph_def) -> int:
-    """Nodes that do work when the graph runs: every op except Const, Placeholder, Identity and NoOp."""
+    """Nodes that do work when the graph runs: every op except Const, Placeholder, Identity and
+    NoOp."""
     return sum(n for op, n in op_counts(graph_def).items() if op not in BOOKKEEPING_OPS)
 
 
@@ -70,14 +70,16 @@ def op_table(**graphs) -> pd.DataFrame:
     """Op counts of several GraphDefs side by side (keyword = column name), with a total row."""
     counts = {name: op_counts(g) for name, g in graphs.items()}
     ops = sorted(set().union(*counts.values()))
-    table = pd.DataFrame({name: [c.get(op, 0) for op in ops] for name, c in counts.items()}, index=ops)
+    table = pd.DataFrame({name: [c.get(op, 0) for op in ops] for name, c in counts.items()},
+                         index=ops)
     table.index.name = "op"
     table.loc["total"] = table.sum()
     return table
 
 
 def disappeared(before, after) -> dict:
-    """Op types (with counts) present in `before` and absent from `after`, and those that are new."""
+    """Op types (with counts) present in `before` and absent from `after`, and those that are
+    new."""
     b, a = op_counts(before), op_counts(after)
     return {"gone": {op: n for op, n in b.items() if op not in a},
             "new": {op: n for op, n in a.items() if op not in b}}
@@ -88,7 +90,8 @@ def disappeared(before, after) -> dict:
 GRAPPLER_PASSES = {
     "pruning": "removes nodes that no output depends on",
     "constfold": "evaluates every subgraph whose inputs are all constants, once, offline",
-    "arithmetic": "rewrites arithmetic into cheaper equivalents (x*1, double negation, repeated adds)",
+    "arithmetic": ("rewrites arithmetic into cheaper equivalents (x*1, double negation, "
+                   "repeated adds)"),
     "dependency": "removes Identity and NoOp nodes that only pass a value or a control edge along",
     "layout": "picks NCHW or NHWC per device",
     "remap": "fuses op patterns into one kernel (Conv2D+BatchNorm+Relu -> _FusedConv2D)",
@@ -105,8 +108,6 @@ def grappler(frozen, passes=("constfold", "arithmetic", "dependency", "remap"),
     converter calls it only for its legacy converter or SELECT_TF_OPS-only models; by default it
     folds and fuses in its own MLIR passes: see `converter_passes`.)
     """
-    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, rewriter_config_pb2
-    from tensorflow.python.grappler import tf_optimizer
     unknown = [p for p in passes if p not in GRAPPLER_PASSES]
     if unknown or not passes:
         raise ValueError(f"unknown Grappler passes {unknown or '(none given)'}; "
@@ -131,17 +132,21 @@ def grappler(frozen, passes=("constfold", "arithmetic", "dependency", "remap"),
 
 
 def graph_runner(graph_def, inputs, outputs, name: str) -> measure.Runner:
-    """A GraphDef (frozen or optimized) as a runner; `inputs`/`outputs` are tensor names like 'image:0'."""
+    """A GraphDef (frozen or optimized) as a runner; `inputs`/`outputs` are tensor names like
+    'image:0'."""
     input_name = inputs[0] if isinstance(inputs[0], str) else inputs[0].name
     output_name = outputs[0] if isinstance(outputs[0], str) else outputs[0].name
-    wrapped = tf.compat.v1.wrap_function(lambda: tf.graph_util.import_graph_def(graph_def, name=""), [])
+    wrapped = tf.compat.v1.wrap_function(
+        lambda: tf.graph_util.import_graph_def(graph_def, name=""), [])
     inputs_tensor = wrapped.graph.get_tensor_by_name(input_name)
     pruned = wrapped.prune(inputs_tensor, wrapped.graph.get_tensor_by_name(output_name))
-    # Called bare, a pruned function takes a slower Python call path; inside a tf.function it is one
-    # function call, like every other TensorFlow runner in notebook 05.
-    function = tf.function(pruned, input_signature=[tf.TensorSpec(inputs_tensor.shape, inputs_tensor.dtype)])
+    # Called bare, a pruned function takes a slower Python call path; inside a tf.function it is
+    # one function call, like every other TensorFlow runner of measure.
+    function = tf.function(pruned, input_signature=[tf.TensorSpec(inputs_tensor.shape,
+                                                                  inputs_tensor.dtype)])
     runner = measure.Runner(name, lambda x: function(x).numpy(),
-                            "the imported GraphDef inside a tf.function, called from Python, plus .numpy()")
+                            "the imported GraphDef inside a tf.function, called from Python, plus "
+                            ".numpy()")
     runner.function = function
     return runner
 
@@ -158,19 +163,16 @@ def max_abs_diff(model_a, model_b, x, batch_size: int = 500) -> float:
 
 
 def export(model: keras.Model, stem: str, directory: Path = GRAPH_DIR) -> dict:
-    """The model as .keras and float32 .tflite files under artifacts/graph/ (rewritten each call)."""
-    from labkit import models
+    """The model as .keras and float32 .tflite files under artifacts/graph/ (rewritten each
+    call)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     paths = {"keras": directory / f"{stem}.keras", "tflite": directory / f"{stem}_float32.tflite"}
-    tmp = paths["keras"].with_name(f"{stem}.tmp.keras")
-    model.save(tmp)
-    tmp.replace(paths["keras"])
+    files.write_atomic(paths["keras"], model.save)
     models.save_tflite(model, paths["tflite"])
     return paths
 
 
-# ----------------------------------------------------------------------------- what the converter made of it
+# ----------------------------------------------------------------- 3. what the converter made of it
 
 def tflite_ops(path) -> pd.DataFrame:
     """Every operator of a .tflite file in execution order: op, fused activation, output shape."""
@@ -184,15 +186,16 @@ def tflite_conv_weights(path) -> list:
         if w["op"] != "CONV_2D":
             continue
         if w["dtype"] != np.float32 or w["bias"] is None:
-            raise ValueError(f"{layer} of {path} is not a float32 convolution with a bias (stored {w['dtype']})")
+            raise ValueError(f"{layer} of {path} is not a float32 convolution with a bias "
+                             f"(stored {w['dtype']})")
         out.append((w["values"].transpose(1, 2, 3, 0), w["bias"]))   # the file stores OHWI
     return out
 
 
-# The TFLite converter's MLIR passes that take a TensorFlow graph to TFLite ops, in the order they run:
-# PrepareTF (batch norm -> multiply and add, the multiply folded into the conv filter), LegalizeTF (every
-# remaining TF op -> its TFLite op) and Optimize (bias adds into their conv/fully connected op, ReLUs
-# into fused_activation_function).
+# The TFLite converter's MLIR passes that take a TensorFlow graph to TFLite ops, in the order they
+# run: PrepareTF (batch norm -> multiply and add, the multiply folded into the conv filter),
+# LegalizeTF (every remaining TF op -> its TFLite op) and Optimize (bias adds into their conv/fully
+# connected op, ReLUs into fused_activation_function).
 CONVERTER_PASSES = ("PrepareTFPass", "LegalizeTFPass", "OptimizePass")
 _MLIR_OP = re.compile(r'= "?((?:tf|tfl)\.[A-Za-z0-9_]+)"?[ (]')
 _MLIR_CONSTANTS = frozenset({"tf.Const", "tfl.pseudo_const", "tfl.no_value"})
@@ -204,7 +207,7 @@ def mlir_op_counts(text: str) -> collections.Counter:
 
 
 def converter_passes(model: keras.Model, passes=CONVERTER_PASSES) -> dict:
-    """What the default TFLite converter does to `model`, pass by pass (notebook 05, section 3).
+    """What the default TFLite converter does to `model`, pass by pass.
 
     Converts the model as models.save_tflite does, with the converter's IR dump switched on for
     `passes`, and returns {"grappler_passes": the passes the converter hands Grappler (none, with
@@ -212,7 +215,6 @@ def converter_passes(model: keras.Model, passes=CONVERTER_PASSES) -> dict:
     "ops": a table of op counts (rows: ops, `tf.` TensorFlow's and `tfl.` TFLite's; columns: the
     graph as the first pass receives it, then after each pass)}.
     """
-    import tempfile
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     # lite.py's own rule: "MLIR converter will take care of constant folding instead of grappler".
     grappler_passes = list(converter._grappler_config().graph_options.rewrite_options.optimizers)
@@ -228,12 +230,15 @@ def converter_passes(model: keras.Model, passes=CONVERTER_PASSES) -> dict:
             raise RuntimeError(f"the converter wrote no IR dump for {passes[0]} in {directory}: "
                                f"found {[d.name for d in dumps]}")
         columns["TF graph in"] = mlir_op_counts(first.read_text())
-        for name in passes:   # a pass that runs more than once (Optimize does) counts by its last run
+        # a pass that runs more than once (Optimize does) counts by its last run
+        for name in passes:
             after = [d for d in dumps if d.name.endswith(f".{name}_after.mlir")]
             if after:
-                columns[f"after {name.removesuffix('Pass')}"] = mlir_op_counts(after[-1].read_text())
+                label = f"after {name.removesuffix('Pass')}"
+                columns[label] = mlir_op_counts(after[-1].read_text())
     ops = sorted(set().union(*columns.values()), key=lambda op: (op.startswith("tfl."), op))
-    table = pd.DataFrame({name: [c.get(op, 0) for op in ops] for name, c in columns.items()}, index=ops)
+    table = pd.DataFrame({name: [c.get(op, 0) for op in ops] for name, c in columns.items()},
+                         index=ops)
     table.index.name = "op"
     return {"grappler_passes": grappler_passes, "ops": table}
 
@@ -249,13 +254,15 @@ def time_call_ms(fn, x) -> float:
 
 def xla_compile_costs(model: keras.Model, images: np.ndarray, batch_sizes=(1, LARGE_BATCH),
                       steady_calls: int = 10) -> pd.DataFrame:
-    """First call against steady state, for tf.function without and with jit_compile, batch by batch.
+    """First call against steady state, for tf.function without and with jit_compile, batch by
+    batch.
 
     The first call at a batch size pays for tracing (first size only, thanks to the None batch
     dimension) and, with XLA, for compiling: XLA compiles once per distinct input shape.
     """
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > len(images):
-        raise ValueError(f"batch sizes must be between 1 and len(images)={len(images)}, got {batch_sizes}")
+        raise ValueError(f"batch sizes must be between 1 and len(images)={len(images)}, "
+                         f"got {batch_sizes}")
     if steady_calls < 1:
         raise ValueError(f"steady_calls must be >= 1, got {steady_calls}")
     runners = [measure.tf_function(model, "tf.function"),
@@ -290,56 +297,5 @@ def bucketed(runner: measure.Runner, buckets, name: str | None = None) -> measur
             x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
         return runner(x)[:n]
     return measure.Runner(name or f"{runner.name}, padded to {buckets}", run,
-                          f"{runner.timed}; zero-padded up to the next of {buckets}", runner.threads)
-
-
-# ----------------------------------------------------------------------------- the benchmark
-
-def benchmark(repeats: int = 200, batch_size: int = LARGE_BATCH, images: int = 2048) -> dict:
-    """Measure notebook 05's target figures in one run and print them (python -m labkit.graph)."""
-    from labkit import folding, models, runtimes
-    from labkit.data import load_mnist
-    splits = load_mnist()
-    model, _ = models.load_or_train_baseline()
-    paths = models.export_baseline(model)
-    folded = folding.fold_batchnorm(model)
-    fold_diff = max_abs_diff(model, folded, splits.x_test)
-    print(f"machine: {machine.machine_string()}")
-    print(f"BN folding: max |logit difference| on the {len(splits.x_test)} test images = {fold_diff:.2e}")
-
-    fold_runners = [measure.keras_call(model), measure.keras_call(folded, "keras call, BN folded"),
-                    measure.tf_function(model), measure.tf_function(folded, "tf.function, BN folded")]
-    fold_latency = measure.measure_latency(fold_runners, splits.x_test[:100], warmup=10, repeats=repeats)
-    fold_summary = fold_latency.summary()[["latency_p50_us", "latency_p95_us"]]
-    print("\nbatch-1 latency with and without batch-norm folding (interleaved):")
-    print(fold_summary.round(1).to_string())
-
-    costs = xla_compile_costs(model, splits.x_test, batch_sizes=(1, batch_size))
-    print("\nfirst call against steady state, tf.function with and without XLA:")
-    print(costs.round(2).to_string(index=False))
-
-    ok, why = runtimes.onnx_status()
-    onnx_path = runtimes.export_onnx(model, GRAPH_DIR / f"baseline-{models.BaselineConfig().key()}.onnx") if ok else None
-    if not ok:
-        print(f"\nONNX Runtime skipped: {why}")
-    runners = runtimes.runtime_runners(model, paths, onnx_path)
-    with labkit.quiet_stderr():  # model.predict's tf.data pipeline logs a harmless C++ line every few seconds
-        latency = measure.measure_latency(runners, splits.x_test[:100], warmup=10, repeats=repeats)
-        throughput = measure.measure_throughput(runners, splits.x_test[:images], batch_size=batch_size)
-    cores = machine.machine_info()["usable_cores"]
-    peak = runtimes.peak_mac_rate(runtimes.export_probes(), threads=sorted({1, min(2, cores), cores}))
-    floor = runtimes.compute_floor(measure.count_macs(model), latency, throughput, peak, batch_size)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print("\npeak MAC rate of a large convolution on LiteRT XNNPACK:")
-        print(peak.round(1).to_string(index=False))
-        print(f"\nruntimes, batch-1 latency ({repeats} interleaved calls) and throughput at batch {batch_size}:")
-        print(floor.round(3).to_string())
-    ok, why = runtimes.tensorrt_status()
-    print(f"\nTF-TRT: {'available, ' + why if ok else 'skipped: ' + why}")
-    return {"fold_max_abs_diff": fold_diff, "fold_latency": fold_summary, "xla": costs, "peak": peak,
-            "floor": floor}
-
-
-if __name__ == "__main__":
-    labkit.setup(seed=0)
-    benchmark()
+                          f"{runner.timed}; zero-padded up to the next of {buckets}",
+                          runner.threads)

@@ -1,44 +1,44 @@
-"""LiteRT's own quantizer, ai-edge-quantizer, on a .tflite file (notebook 04b; the pipeline and the search call it).
+"""LiteRT's own quantizer, ai-edge-quantizer, on a .tflite file, next to the converter of
+`labkit/quantization.py`; the pipeline and the search call it.
 
-Owns the tool's side of quantization, next to the converter of `labkit/quantization.py`:
-1. `Rule` and `Recipe`: per-op, per-layer settings (weight-only, dynamic, static, float), checked against
-   what the tool supports before it runs; `RECIPES`, the book's named ones;
-2. `quantize(path, recipe)`: a .tflite in, a quantized .tflite out, cached by `models.cached`;
-3. reading the result back through `labkit.tflite`: `weight_table` (int4 really packed, at most 16 codes
-   per channel or block), `check_against_quantizers` (the tool's int4 scales and codes against
-   `quantizers.symmetric_params`), `op_precisions` (what computes in integers, what is dequantized,
-   what XNNPACK runs), `validation_report` (the tool's per-tensor comparison);
-4. `tolerant_recipe`: int4 for the layers whose validation accuracy tolerates it, int8 for the rest;
-5. `smallest(...)`: the smallest gzipped file over candidate files and recipes, chosen on validation
-   accuracy; `benchmark()` (``python -m labkit.litert_quant``) prints the figures.
+`Rule` and `Recipe` (per-op, per-layer settings, checked against what the tool supports; the named
+`RECIPES`); `quantize(path, recipe)`, cached by `models.cached`; the result read back through
+`labkit.tflite` (`weight_table`, `check_against_quantizers`, `op_precisions`, `validation_report`);
+`tolerant_recipe` (int4 where validation accuracy allows) and `smallest` (the smallest gzipped
+file above a validation floor). `python -m labkit.targets.litert_quant` prints the figures.
 """
 from __future__ import annotations
 
-import hashlib
 import re
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
-from labkit import machine
-from labkit import ARTIFACTS_DIR, measure, models, quantizers, tflite
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 
-LITERT_DIR = ARTIFACTS_DIR / "litert_quant"
+labkit.import_tensorflow_quietly(start_runtime=False)   # ai-edge-quantizer imports TensorFlow
+from ai_edge_quantizer import quantizer, recipe_manager  # noqa: E402
+from ai_edge_quantizer.utils import validation_utils  # noqa: E402
+
+from labkit import files, measure, models, quantization, quantizers, tflite  # noqa: E402
+from labkit.data import load_mnist  # noqa: E402
+
+LITERT_DIR = labkit.ARTIFACTS_DIR / "litert_quant"
 MODES = ("weight-only", "dynamic", "static", "float")
-GRANULARITIES = {"channel": "CHANNELWISE", "tensor": "TENSORWISE", "block32": "BLOCKWISE_32",
-                 "block64": "BLOCKWISE_64", "block128": "BLOCKWISE_128", "block256": "BLOCKWISE_256"}
+GRANULARITIES = {"channel": "CHANNELWISE", "tensor": "TENSORWISE",
+                 "block32": "BLOCKWISE_32", "block64": "BLOCKWISE_64",
+                 "block128": "BLOCKWISE_128", "block256": "BLOCKWISE_256"}
 BLOCKS = tuple(g for g in GRANULARITIES if g.startswith("block"))
-# What ai-edge-quantizer 0.10.0 accepts (its default_policy.py): (mode, weight bits) -> granularities,
-# and the ops each may touch. Anything else the tool skips without a word, so it is refused here.
+# What ai-edge-quantizer 0.10.0 accepts (its default_policy.py): (mode, weight bits) ->
+# granularities, and the ops each may touch. Anything else the tool skips without a word, so it
+# is refused here.
 SUPPORTED = {("weight-only", 8): ("channel", "tensor"), ("weight-only", 4): ("channel", "tensor"),
              ("dynamic", 8): ("channel", "tensor"), ("dynamic", 4): ("channel", "tensor") + BLOCKS,
-             ("dynamic", 2): ("channel", "tensor") + BLOCKS, ("static", 8): ("channel", "tensor"),
-             ("static", 4): ("channel", "tensor")}
+             ("dynamic", 2): ("channel", "tensor") + BLOCKS,
+             ("static", 8): ("channel", "tensor"), ("static", 4): ("channel", "tensor")}
 LOW_BIT_OPS = ("FULLY_CONNECTED", "CONV_2D")      # int4 and int2 weights: these ops only
 BLOCK_OPS = ("FULLY_CONNECTED",)                  # blockwise scales: fully connected only
 ACTIVATION_BITS = (8, 16)                         # static recipes: int8 or int16 activations
@@ -50,8 +50,9 @@ SENSITIVITY_IMAGES = 50    # images for the tool's per-tensor comparison
 
 @dataclass(frozen=True)
 class Rule:
-    """One line of a recipe: ops of type `op` ("*": all) whose layer name matches `layers` get `mode`."""
-    layers: str = ".*"                 # a regex over the op's output tensor name, as the tool matches it
+    """One line of a recipe: ops of type `op` ("*": all) whose layer name matches `layers` get
+    `mode`."""
+    layers: str = ".*"                 # a regex over the op's output tensor name, as the tool does
     op: str = "*"
     mode: str = "weight-only"
     bits: int = 8                      # weight bits (ignored for "float")
@@ -64,24 +65,28 @@ class Rule:
         try:
             re.compile(self.layers)
         except re.error as error:
-            raise ValueError(f"layers must be a regular expression, got {self.layers!r}: {error}") from None
+            raise ValueError(f"layers must be a regular expression, got {self.layers!r}: "
+                             f"{error}") from None
         if self.mode == "float":
             return
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {tuple(GRANULARITIES)}, got {self.granularity!r}")
+            raise ValueError(f"granularity must be one of {tuple(GRANULARITIES)}, "
+                             f"got {self.granularity!r}")
         allowed = SUPPORTED.get((self.mode, self.bits))
         if allowed is None:
             bits = sorted(b for m, b in SUPPORTED if m == self.mode)
             raise ValueError(f"ai-edge-quantizer has no {self.bits}-bit {self.mode} weights; "
                              f"{self.mode} supports {bits} bits")
         if self.granularity not in allowed:
-            raise ValueError(f"{self.bits}-bit {self.mode} weights come {allowed}, not {self.granularity!r} "
-                             "(blockwise scales need the dynamic mode)")
+            raise ValueError(f"{self.bits}-bit {self.mode} weights come {allowed}, not "
+                             f"{self.granularity!r} (blockwise scales need the dynamic mode)")
         if self.mode == "static" and self.activation_bits not in ACTIVATION_BITS:
-            raise ValueError(f"static activations are {ACTIVATION_BITS} bits, got {self.activation_bits}")
+            raise ValueError(f"static activations are {ACTIVATION_BITS} bits, "
+                             f"got {self.activation_bits}")
         narrow = BLOCK_OPS if self.granularity in BLOCKS else LOW_BIT_OPS if self.bits < 8 else None
         if narrow and self.op != "*" and self.op not in narrow:
-            raise ValueError(f"{self.bits}-bit {self.granularity} weights apply to {narrow} only, not {self.op}")
+            raise ValueError(f"{self.bits}-bit {self.granularity} weights apply to {narrow} only, "
+                             f"not {self.op}")
 
 
 @dataclass(frozen=True)
@@ -102,17 +107,19 @@ class Recipe:
         return {"name": self.name, "rules": [asdict(r) for r in self.rules]}
 
     def for_tool(self) -> list:
-        """The recipe in the tool's JSON form (a list of {regex, operation, algorithm_key, op_config})."""
-        from ai_edge_quantizer import recipe_manager
+        """The recipe in the tool's JSON form (a list of {regex, operation, algorithm_key,
+        op_config})."""
         manager = recipe_manager.RecipeManager()
         for r in self.rules:
+            granularity = GRANULARITIES.get(r.granularity)
             if r.mode == "float":
                 manager.add_quantization_config(r.layers, r.op, None, "no_quantize")
             elif r.mode == "static":
-                manager.add_static_config(r.layers, r.op, r.activation_bits, r.bits, GRANULARITIES[r.granularity])
+                manager.add_static_config(r.layers, r.op, r.activation_bits, r.bits, granularity)
             else:
-                add = manager.add_weight_only_config if r.mode == "weight-only" else manager.add_dynamic_config
-                add(regex=r.layers, operation_name=r.op, num_bits=r.bits, granularity=GRANULARITIES[r.granularity])
+                add = (manager.add_weight_only_config if r.mode == "weight-only"
+                       else manager.add_dynamic_config)
+                add(regex=r.layers, operation_name=r.op, num_bits=r.bits, granularity=granularity)
         return manager.get_quantization_recipe()
 
 
@@ -127,12 +134,12 @@ RECIPES = {
     "dynamic-int8": Recipe("dynamic-int8", (Rule(mode="dynamic", bits=8),)),
     "dynamic-int4": Recipe("dynamic-int4", (Rule(mode="dynamic", bits=4),)),
     "dynamic-int4-block32": Recipe("dynamic-int4-block32", (
-        Rule(mode="dynamic", bits=8),   # the convs: blockwise scales are for fully connected ops only
+        Rule(mode="dynamic", bits=8),   # the convs: blockwise scales are for fully connected only
         Rule("dense1", "FULLY_CONNECTED", mode="dynamic", bits=4, granularity="block32"))),
     "static-int8": Recipe("static-int8", (Rule(mode="static", bits=8, activation_bits=8),)),
     # per layer: the big dense layer in int4, the convs in int8, the small first conv left in float
-    "mixed": Recipe("mixed", (Rule(mode="weight-only", bits=8), Rule("dense1", "*", "weight-only", 4),
-                              Rule("conv1", "*", "float"))),
+    "mixed": Recipe("mixed", (Rule(mode="weight-only", bits=8),
+                              Rule("dense1", "*", "weight-only", 4), Rule("conv1", "*", "float"))),
 }
 
 
@@ -143,28 +150,32 @@ def _op_outputs(path, with_weights: bool = False) -> list:
     rows = []
     for row in tflite.ops(path).itertuples():
         shape = stored.loc[row.inputs[1], "shape"] if row.op in tflite.WEIGHT_OPS else None
-        rows.append((row.op, stored.loc[row.outputs[0], "name"]) + ((shape,) if with_weights else ()))
+        name = stored.loc[row.outputs[0], "name"]
+        rows.append((row.op, name) + ((shape,) if with_weights else ()))
     return rows
 
 
 def check_recipe(recipe: Recipe, path) -> Recipe:
-    """The recipe, if every rule names at least one op of the file and every block fits the weights it
-    splits; a ValueError that says what the file holds otherwise."""
+    """The recipe, if every rule names at least one op of the file and every block fits the
+    weights it splits; a ValueError that says what the file holds otherwise."""
     found = _op_outputs(path, with_weights=True)
     for rule in recipe.rules:
         hits = [(op, name, shape) for op, name, shape in found
                 if rule.op in ("*", op) and re.search(rule.layers, name)]
         if not hits:
             weights = sorted({f"{op}: {name}" for op, name, _ in found if op in tflite.WEIGHT_OPS})
-            raise ValueError(f"recipe {recipe.name!r}: the rule for op {rule.op!r}, layers {rule.layers!r} names "
-                             f"no op of {Path(path).name}. Its weight ops are: " + "; ".join(weights))
+            raise ValueError(f"recipe {recipe.name!r}: the rule for op {rule.op!r}, layers "
+                             f"{rule.layers!r} names no op of {Path(path).name}. Its weight ops "
+                             "are: " + "; ".join(weights))
         if rule.mode != "float" and rule.granularity in BLOCKS:
             block = int(rule.granularity.removeprefix("block"))
-            bad = [f"{name} {shape}" for op, name, shape in hits if op in BLOCK_OPS and shape[-1] % block]
+            bad = [f"{name} {shape}" for op, name, shape in hits
+                   if op in BLOCK_OPS and shape[-1] % block]
             if bad:
-                raise ValueError(f"recipe {recipe.name!r}: {block}-weight blocks must divide each input "
-                                 f"dimension, and these weights do not: {'; '.join(bad)}. Narrow the rule's "
-                                 "layers, or use a smaller block or channel-wise scales")
+                raise ValueError(f"recipe {recipe.name!r}: {block}-weight blocks must divide each "
+                                 f"input dimension, and these weights do not: {'; '.join(bad)}. "
+                                 "Narrow the rule's layers, or use a smaller block or channel-wise "
+                                 "scales")
     return recipe
 
 
@@ -175,14 +186,6 @@ def _signature_input(path) -> str:
     return next(iter(signatures.values()))["inputs"][0]
 
 
-def _images_key(x) -> str | None:
-    """Ten hex digits of an image array (which calibration images a file was made with)."""
-    if x is None:
-        return None
-    x = np.ascontiguousarray(x, np.float32)
-    return hashlib.sha256(str(x.shape).encode() + x.tobytes()).hexdigest()[:10]
-
-
 def _samples(path, x: np.ndarray) -> dict:
     """Images as the tool wants them: {signature: [{input name: one image}, ...]}."""
     name, x = _signature_input(path), np.asarray(x, np.float32)
@@ -190,29 +193,37 @@ def _samples(path, x: np.ndarray) -> dict:
 
 
 def apply(path, recipe: Recipe, calibration: np.ndarray | None = None) -> bytes:
-    """The quantized file's bytes (nothing written): check the file and recipe, calibrate if static, quantize."""
-    from ai_edge_quantizer import quantizer
+    """The quantized file's bytes (nothing written): check the file and recipe, calibrate if
+    static, quantize."""
     path = tflite.check(path)
     check_recipe(recipe, path)
     if recipe.needs_calibration and calibration is None:
-        raise ValueError(f"recipe {recipe.name!r} quantizes activations (static): pass calibration images")
-    with models.converter_messages(f"ai-edge-quantizer on {path.name} with recipe {recipe.name!r}"), \
-            warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")   # calibration's
+        raise ValueError(f"recipe {recipe.name!r} quantizes activations (static): pass "
+                         "calibration images")
+    what = f"ai-edge-quantizer on {path.name} with recipe {recipe.name!r}"
+    with models.converter_messages(what), warnings.catch_warnings():
+        # calibration's
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
         tool = quantizer.Quantizer(str(path), recipe.for_tool())
-        ranges = tool.calibrate(_samples(path, calibration), num_threads=1) if recipe.needs_calibration else None
+        ranges = (tool.calibrate(_samples(path, calibration), num_threads=1)
+                  if recipe.needs_calibration else None)
         return bytes(tool.quantize(ranges, enable_progress_report=False).quantized_model)
 
 
-def quantize(path, recipe: Recipe | str, calibration: np.ndarray | None = None, *, name: str | None = None,
-             directory: Path = LITERT_DIR) -> Path:
-    """The file quantized by `recipe` (a Recipe or a key of RECIPES), from the model cache or made now."""
+def quantize(path, recipe: Recipe | str, calibration: np.ndarray | None = None, *,
+             name: str | None = None, directory: Path = LITERT_DIR) -> Path:
+    """The file quantized by `recipe` (a Recipe or a key of RECIPES), from the model cache or
+    made now."""
     recipe = RECIPES[recipe] if isinstance(recipe, str) and recipe in RECIPES else recipe
     if not isinstance(recipe, Recipe):
         raise ValueError(f"recipe must be a Recipe or one of {tuple(RECIPES)}, got {recipe!r}")
     path = tflite.check(path)
-    calibration = calibration[:CALIBRATION_IMAGES] if calibration is not None and recipe.needs_calibration else None
-    settings = {"recipe": recipe.settings(), "calibration": _images_key(calibration)}
+    if calibration is not None and recipe.needs_calibration:
+        calibration = np.ascontiguousarray(calibration[:CALIBRATION_IMAGES], np.float32)
+    else:
+        calibration = None
+    settings = {"recipe": recipe.settings(),
+                "calibration": None if calibration is None else files.content_key(calibration)}
     out, _ = models.cached(name or f"{path.stem[:40]}-{recipe.name}", settings, [path],
                            lambda: (apply(path, recipe, calibration), {"recipe": recipe.name}),
                            directory, kind="tflite")
@@ -222,12 +233,14 @@ def quantize(path, recipe: Recipe | str, calibration: np.ndarray | None = None, 
 # ============================================================================ 3. reading it back
 
 def weight_table(path) -> pd.DataFrame:
-    """Per weight tensor of the file: stored type, shape, bytes, scales and the most codes in one channel or block.
+    """Per weight tensor of the file: stored type, shape, bytes, scales and the most codes in one
+    channel or block.
 
     A weight that a DEQUANTIZE op widens is followed back to the tensor the file stores.
     """
     stored, table = tflite.stored_tensors(path), tflite.ops(path)
-    widened = {row.outputs[0]: row.inputs[0] for row in table.itertuples() if row.op == "DEQUANTIZE"}
+    widened = {row.outputs[0]: row.inputs[0] for row in table.itertuples()
+               if row.op == "DEQUANTIZE"}
     rows = []
     for row in table[table["op"].isin(tflite.WEIGHT_OPS)].itertuples():
         index = widened.get(row.inputs[1], row.inputs[1])
@@ -235,18 +248,23 @@ def weight_table(path) -> pd.DataFrame:
         values = tflite.stored_values(path, index)
         block = t["block_size"]
         per = values.reshape(-1, block) if block else values.reshape(values.shape[0], -1)
-        scales = int(np.prod(stored.loc[t["scales_tensor"], "shape"])) if block else len(t["scales"])
-        rows.append({"layer": tflite.layer_like(t["name"]) or t["name"], "op": row.op, "type": t["type"],
-                     "shape": t["shape"], "weights": values.size, "stored_bytes": t["stored_bytes"],
+        scales = (int(np.prod(stored.loc[t["scales_tensor"], "shape"])) if block
+                  else len(t["scales"]))
+        rows.append({"layer": tflite.layer_like(t["name"]) or t["name"], "op": row.op,
+                     "type": t["type"], "shape": t["shape"], "weights": values.size,
+                     "stored_bytes": t["stored_bytes"],
                      "bits_per_weight": 8 * t["stored_bytes"] / values.size, "scales": scales,
-                     "block_size": block, "max_codes_per_scale": max(len(np.unique(r)) for r in per),
-                     "code_min": values.min(), "code_max": values.max(), "zeros": float(np.mean(values == 0)),
+                     "block_size": block,
+                     "max_codes_per_scale": max(len(np.unique(r)) for r in per),
+                     "code_min": values.min(), "code_max": values.max(),
+                     "zeros": float(np.mean(values == 0)),
                      "dequantized_at_run_time": row.inputs[1] in widened})
     return pd.DataFrame(rows).set_index("layer")
 
 
 def check_against_quantizers(float_path, quant_path) -> pd.DataFrame:
-    """The tool's int4 channel-wise scales and codes against `quantizers.symmetric_params(w, 4, axis=0)`.
+    """The tool's int4 channel-wise scales and codes against
+    `quantizers.symmetric_params(w, 4, axis=0)`.
 
     Per INT4 layer: the largest scale difference and the number of codes that differ. Both are
     0 when the tool uses the book's scheme: symmetric, zero point 0, codes -7..7, scale max|w|/7.
@@ -267,8 +285,9 @@ def check_against_quantizers(float_path, quant_path) -> pd.DataFrame:
 
 
 def xnnpack_ops(path) -> set:
-    """Positions (execution order) of the ops XNNPACK takes over. The interpreter lists every op of the
-    file and then one DELEGATE op per partition: walk back from each partition's outputs to its inputs."""
+    """Positions (execution order) of the ops XNNPACK takes over. The interpreter lists every op
+    of the file and then one DELEGATE op per partition: walk back from each partition's outputs to
+    its inputs."""
     nodes = tflite.delegated_ops(path)
     original, taken = nodes[nodes["op"] != "DELEGATE"], set()
     producer = {t: i for i, outputs in zip(original.index, original["outputs"]) for t in outputs}
@@ -283,12 +302,14 @@ def xnnpack_ops(path) -> set:
 
 
 def op_precisions(path) -> pd.DataFrame:
-    """What each op computes in (its input and weight types as stored) and what runs it (XNNPACK or not).
+    """What each op computes in (its input and weight types as stored) and what runs it (XNNPACK
+    or not).
 
-    "integer": integer activations and weights. "float, weights dequantized": a DEQUANTIZE op widens the
-    weights to float32, once (XNNPACK takes int8 ones at load time; LiteRT 2.3's built-in kernel, which runs
-    int4 ones, on the first invocation, then keeps the result). "hybrid": integer weights, float activations
-    quantized on the fly inside the op. runs_on: "XNNPACK", or "built-in kernel" where XNNPACK left the op.
+    "integer": integer activations and weights. "float, weights dequantized": a DEQUANTIZE op
+    widens the weights to float32, once (XNNPACK takes int8 ones at load time; LiteRT 2.3's
+    built-in kernel, which runs int4 ones, on the first invocation, then keeps the result).
+    "hybrid": integer weights, float activations quantized on the fly inside the op. runs_on:
+    "XNNPACK", or "built-in kernel" where XNNPACK left the op.
     """
     stored, table = tflite.stored_tensors(path), tflite.ops(path)
     made_by_dequantize = {o[0] for o in table.loc[table["op"] == "DEQUANTIZE", "outputs"]}
@@ -300,7 +321,8 @@ def op_precisions(path) -> pd.DataFrame:
             kind = "dequantize (weights to float32)"
         elif row.op in tflite.WEIGHT_OPS and row.inputs[1] in made_by_dequantize:
             kind = "float, weights dequantized"
-        elif row.op in tflite.WEIGHT_OPS and activation == "FLOAT32" and weight in ("INT8", "INT4", "INT2"):
+        elif (row.op in tflite.WEIGHT_OPS and activation == "FLOAT32"
+              and weight in ("INT8", "INT4", "INT2")):
             kind = "hybrid (activations quantized on the fly)"
         elif activation in ("INT8", "INT16") and row.op != "QUANTIZE":
             kind = "integer"
@@ -318,31 +340,33 @@ def validation_report(float_path, quant_path, x: np.ndarray) -> pd.DataFrame:
     (the tool reports signal power over noise power; here 10 log10 of it); sorted by SNR, worst
     first. Constants compare the weights themselves, intermediates the activations.
     """
-    from ai_edge_quantizer import quantizer
-    from ai_edge_quantizer.utils import validation_utils as vu
-    tool = quantizer.Quantizer(str(tflite.check(float_path)), previous_quantized_model=str(tflite.check(quant_path)))
+    tool = quantizer.Quantizer(str(tflite.check(float_path)),
+                               previous_quantized_model=str(tflite.check(quant_path)))
+    metric = validation_utils.ValidationErrorMetric
     with labkit.quiet_stderr(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
-        result = tool.validate(_samples(float_path, x), error_metrics=[vu.ValidationErrorMetric.MSE,
-                                                                      vu.ValidationErrorMetric.SNR],
+        result = tool.validate(_samples(float_path, x), error_metrics=[metric.MSE, metric.SNR],
                                num_threads=1).get_signature_comparison_result()
-    rows = [{"tensor": name, "kind": kind, "layer": tflite.layer_like(name) or "", "mse": metrics["mse"],
-             "snr_db": 10 * np.log10(max(metrics["snr"], 1e-12))}
+    rows = [{"tensor": name, "kind": kind, "layer": tflite.layer_like(name) or "",
+             "mse": metrics["mse"], "snr_db": 10 * np.log10(max(metrics["snr"], 1e-12))}
             for kind in ("input", "output", "constant", "intermediate")
             for name, metrics in getattr(result, f"{kind}_tensors").items()]
     return pd.DataFrame(rows).sort_values("snr_db").reset_index(drop=True)
 
 
 def worst_layer(report: pd.DataFrame) -> str:
-    """The layer whose weights lose most (lowest SNR among the constant tensors of a validation report)."""
-    weights = report[(report["kind"] == "constant") & (report["layer"] != "") & np.isfinite(report["snr_db"])]
+    """The layer whose weights lose most (lowest SNR among the constant tensors of a validation
+    report)."""
+    weights = report[(report["kind"] == "constant") & (report["layer"] != "")
+                     & np.isfinite(report["snr_db"])]
     return weights.sort_values("snr_db").iloc[0]["layer"]
 
 
-# ============================================================================ 4. int4 where it is tolerated
+# ==================================================================== 4. int4 where it is tolerated
 
 def _named(layer: str) -> str:
-    """A regex for tensor names with `layer` as one of their parts (conv1 in "cnn/conv1/Conv2D", not conv10)."""
+    """A regex for tensor names with `layer` as one of their parts (conv1 in "cnn/conv1/Conv2D",
+    not conv10)."""
     return rf"(^|[/;]){re.escape(layer)}([/;]|$)"
 
 
@@ -371,20 +395,22 @@ def tolerant_recipe(path, x_val, y_val, max_drop: float = 0.001, fallback_bits: 
                      "int4": base - accuracy <= max_drop})
     table = pd.DataFrame(rows).set_index("layer")
     keep = [layer for layer in table.index if table.loc[layer, "int4"]]
-    rules = [Rule(mode="float") if fallback_bits is None else Rule(mode="weight-only", bits=fallback_bits)]
+    rules = [Rule(mode="float") if fallback_bits is None
+             else Rule(mode="weight-only", bits=fallback_bits)]
     rules += [Rule(_named(layer), "*", "weight-only", 4) for layer in keep]
     return Recipe("int4-" + ("-".join(keep) or "none"), tuple(rules)), table
 
 
-# ============================================================================ 5. the smallest file above a floor
+# =============================================================== 5. the smallest file above a floor
 
 def validation_floor(test_target: float) -> float:
-    """The validation accuracy that stands for `test_target` on the test split: the target less the
-    baseline's own test-minus-validation gap (the same model scores differently on the two splits)."""
-    from labkit.data import load_mnist
+    """The validation accuracy that stands for `test_target` on the test split: the target less
+    the baseline's own test-minus-validation gap (the same model scores differently on the two
+    splits)."""
     splits = load_mnist()
     runner = measure.litert(models.baseline_tflite())
-    gap = measure.accuracy(runner, splits.x_test, splits.y_test) - measure.accuracy(runner, splits.x_val, splits.y_val)
+    gap = (measure.accuracy(runner, splits.x_test, splits.y_test)
+           - measure.accuracy(runner, splits.x_val, splits.y_val))
     return round(test_target - gap, 4)
 
 
@@ -393,7 +419,8 @@ SMALLEST_RECIPES = ("weight-int4", "dynamic-int4", "weight-int8")
 
 def smallest(candidates: dict, splits, floors: dict, recipes=SMALLEST_RECIPES,
              directory: Path = LITERT_DIR, test_all: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Every candidate float .tflite ({name: path}) under every recipe: gzip bytes and validation accuracy.
+    """Every candidate float .tflite ({name: path}) under every recipe: gzip bytes and validation
+    accuracy.
 
     For each {label: validation floor} in `floors` the smallest gzipped file at or above the floor
     is chosen, and only then measured on the test split (test_all: every row is, for reference).
@@ -403,9 +430,10 @@ def smallest(candidates: dict, splits, floors: dict, recipes=SMALLEST_RECIPES,
     for name, path in candidates.items():
         for recipe in recipes:
             out = quantize(path, recipe, directory=directory, name=f"{name}-{recipe}")
+            accuracy = measure.accuracy(measure.litert(out), splits.x_val, splits.y_val)
             rows.append({"candidate": name, "recipe": recipe, "artifact": str(out),
-                         "gzip_bytes": measure.gzip_bytes(out), "size_bytes": measure.size_bytes(out),
-                         "val_accuracy": measure.accuracy(measure.litert(out), splits.x_val, splits.y_val)})
+                         "gzip_bytes": measure.gzip_bytes(out),
+                         "size_bytes": measure.size_bytes(out), "val_accuracy": accuracy})
     table = pd.DataFrame(rows).sort_values("gzip_bytes").reset_index(drop=True)
     if test_all:   # for reference only: what a choice made on the test split would have been
         table["test_accuracy"] = [measure.accuracy(measure.litert(p), splits.x_test, splits.y_test)
@@ -416,86 +444,25 @@ def smallest(candidates: dict, splits, floors: dict, recipes=SMALLEST_RECIPES,
         if above.empty:
             continue
         row = above.iloc[0].to_dict()
-        row["test_accuracy"] = measure.accuracy(measure.litert(row["artifact"]), splits.x_test, splits.y_test)
+        row["test_accuracy"] = measure.accuracy(measure.litert(row["artifact"]), splits.x_test,
+                                                splits.y_test)
         row["val_floor"] = floor
         chosen[label] = row
     return table, chosen
 
 
-# ============================================================================ 6. the figures, in one run
+# ===================================================================== 6. the variants side by side
 
 def variants(splits, directory: Path = LITERT_DIR) -> dict:
-    """{label: .tflite}: the baseline, the converter's dynamic and int8, and the tool's recipes on the baseline."""
-    from labkit import quantization
+    """{label: .tflite}: the baseline, the converter's dynamic and int8, and the tool's recipes on
+    the baseline."""
     baseline_path = models.baseline_tflite()
     baseline, _ = models.load_or_train_baseline()
     paths = {"baseline-float32-tflite": baseline_path,
              "converter-dynamic": quantization.export(baseline, "dynamic", name="ptq-dynamic"),
-             "converter-int8": quantization.export(baseline, "int8", splits.x_train, name="ptq-int8")}
+             "converter-int8": quantization.export(baseline, "int8", splits.x_train,
+                                                   name="ptq-int8")}
     for recipe in RECIPES:
-        paths[f"aeq-{recipe}"] = quantize(baseline_path, recipe, splits.x_train, directory=directory,
-                                          name=f"baseline-{recipe}")
+        paths[f"aeq-{recipe}"] = quantize(baseline_path, recipe, splits.x_train,
+                                          directory=directory, name=f"baseline-{recipe}")
     return paths
-
-
-def benchmark(repeats: int = 300, threads: int = 1, smallest_figures: bool = True) -> dict:
-    """The converter's and the tool's variants and the smallest models at 99% (search.smallest_at),
-    measured side by side in one run: size, gzip, test accuracy, p50 and p95."""
-    from labkit.data import load_mnist
-    splits = load_mnist()
-    paths, base, out = variants(splits), "baseline-float32-tflite", {}
-    if smallest_figures:
-        from labkit import search
-        found = out["smallest"] = search.smallest_at(splits, test_all=True)
-        paths.update({f"smallest-at-{label}": row["artifact"] for label, row in found["chosen"].items()})
-    table, latency = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_val[:200],
-                                          reference=base, repeats=repeats, threads=threads)
-    print(f"machine: {machine.machine_string()}\nLiteRT {threads} thread(s), batch 1, {repeats} interleaved "
-          f"calls each; accuracy on {len(splits.y_test)} test images")
-    print(table.drop(columns="artifact").round(4).to_string())
-    out.update({"table": table, "latency": latency, "paths": paths})
-    if not smallest_figures:
-        return out
-    from labkit import results
-    results.record_table(table, latency, "quantization", "04b_litert_quantizer",
-                         {f"smallest-at-{label}": f"litert-smallest-at-{label}" for label in found["chosen"]})
-    print("candidates by gzip size (validation accuracy only):")
-    print(found["table"].drop(columns="artifact").head(15).round(4).to_string())
-    gain = lambda r: f"{table.loc[base, 'gzip_bytes'] / r['gzip_bytes']:.1f}x"   # noqa: E731
-    for label, floor in found["floors"].items():
-        seen = found["table"][found["table"]["test_accuracy"] >= float(label.rstrip("%")) / 100]   # test_all=True
-        if len(seen):
-            top = seen.iloc[0]
-            print(f"for reference, picked on the test split (not a fair choice): at test >= {label} the smallest "
-                  f"is {top['candidate']} + {top['recipe']}, {gain(top)} at {top['test_accuracy']:.4f}")
-        if label not in found["chosen"]:
-            best = found["table"].sort_values("val_accuracy").iloc[-1]
-            print(f"at test >= {label}: no candidate reaches the validation floor {floor}; the most accurate on "
-                  f"validation is {best['candidate']} + {best['recipe']} ({best['val_accuracy']:.4f}, {gain(best)})")
-            continue
-        row = found["chosen"][label]
-        print(f"smallest at test >= {label}: {row['candidate']} + {row['recipe']}: {row['gzip_bytes']} B gzipped = "
-              f"{gain(row)} smaller, validation {row['val_accuracy']:.4f} (floor {floor}), "
-              f"test {row['test_accuracy']:.4f}")
-        limits, weights = tflite.structure_bytes(row["artifact"]), weight_table(row["artifact"])
-        print(f"  its bytes: {limits['structure_bytes']} of graph, names and quantization parameters "
-              f"({limits['structure_gzip_bytes']} gzipped, with no weight at all), {limits['data_bytes']} of tensor "
-              f"data, of which {int(weights['stored_bytes'].sum())} hold the {int(weights['weights'].sum())} weights "
-              f"({(weights['zeros'] * weights['weights']).sum() / weights['weights'].sum():.0%} of them zero)")
-    return out
-
-
-def main(argv=None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(description="Notebook 04b: ai-edge-quantizer's recipes beside the converter")
-    parser.add_argument("--repeats", type=int, default=300, help="timed calls per model")
-    parser.add_argument("--threads", type=int, default=1, help="LiteRT interpreter threads")
-    parser.add_argument("--no-smallest", action="store_true", help="skip the smallest-model search")
-    args = parser.parse_args(argv)
-    labkit.setup(seed=0)
-    benchmark(repeats=args.repeats, threads=args.threads, smallest_figures=not args.no_smallest)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,35 +1,35 @@
-"""Faster runtimes and the compute floor (notebook 05, sections 5-7).
+"""Faster runtimes and the compute floor: one trained model on every runtime at hand, and how
+close each gets to the machine's limit.
 
-Owns running one trained model on every runtime at hand and asking how close each gets to the
-machine's limit:
-
-5. ONNX Runtime (through tf2onnx), TF-TRT (where an NVIDIA GPU and TensorRT are present), and
-   `runtime_runners`: one `measure.Runner` per runtime for the same model;
-6. the compute floor: one-convolution probe models (float32 and int8) measure the peak MAC rate
-   LiteRT reaches here (`peak_mac_rate`), and `compute_floor` sets every runtime against it.
-
-What happens to the graph before a runtime sees it (freezing, Grappler, batch-norm folding, XLA)
-is in `labkit/graph.py`, whose `benchmark()` (``python -m labkit.graph``) also runs these.
+ONNX Runtime (through tf2onnx), TF-TRT (where an NVIDIA GPU and TensorRT are present) and
+`runtime_runners`, one `measure.Runner` per runtime for the same model; one-convolution probe
+models measure the peak MAC rate LiteRT reaches here (`peak_mac_rate`), and `compute_floor` sets
+every runtime against it. What happens to the graph first is in `labkit/graph.py`;
+`python -m labkit.targets.graph` measures both.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import labkit
 import numpy as np
 import pandas as pd
 
-tf = labkit.import_tensorflow_quietly(start_runtime=False)  # `python -m labkit.runtimes` imports it before setup
-import tf_keras as keras
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 
-from labkit import machine
-from labkit import measure
-from labkit.graph import GRAPH_DIR, LARGE_BATCH
+tf = labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines, kept quiet
+import tf_keras as keras  # noqa: E402
+
+from labkit import files, machine, measure, quantization  # noqa: E402
+from labkit.graph import GRAPH_DIR, LARGE_BATCH  # noqa: E402
+
+# onnx, onnxruntime, tf2onnx and TensorRT are optional: they are imported where they are used,
+# and onnx_status and tensorrt_status say whether they are there.
 
 
-# ----------------------------------------------------------------------------- 5. runtimes
+# ----------------------------------------------------------------------------- 1. runtimes
 
 def onnx_status() -> tuple:
     """(True, versions) where tf2onnx and onnxruntime import, else (False, why)."""
@@ -44,29 +44,24 @@ def onnx_status() -> tuple:
 
 def export_onnx(model: keras.Model, path, opset: int = 17) -> Path:
     """The model converted by tf2onnx (any batch size) and written to path."""
-    import logging
-    import tf2onnx
+    import tf2onnx  # optional: see the note at the top
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     spec = (tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image"),)
     with labkit.quiet_stderr():
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")   # whole or not at all, like every file labkit writes
-    tmp.write_bytes(proto.SerializeToString())
-    tmp.replace(path)
-    return path
+    content = proto.SerializeToString()
+    return files.write_atomic(path, lambda tmp: tmp.write_bytes(content))
 
 
 def onnx_ops(path) -> list:
     """The op types of an .onnx file's graph, in order (tf2onnx folds batch norm too)."""
-    import onnx
+    import onnx  # optional: see the note at the top
     return [node.op_type for node in onnx.load(str(path)).graph.node]
 
 
 def onnx_runner(path, num_threads: int = 1, name: str | None = None) -> measure.Runner:
     """An .onnx file in ONNX Runtime's CPU provider with `num_threads` intra-op threads."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: see the note at the top
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No .onnx file at {path}. Convert one first (export_onnx).")
@@ -81,13 +76,15 @@ def onnx_runner(path, num_threads: int = 1, name: str | None = None) -> measure.
     input_name = session.get_inputs()[0].name
     runner = measure.Runner(name or f"ONNX Runtime {num_threads} thread(s)",
                             lambda x: session.run(None, {input_name: x})[0],
-                            "InferenceSession.run with a NumPy feed, outputs as NumPy", threads=num_threads)
+                            "InferenceSession.run with a NumPy feed, outputs as NumPy",
+                            threads=num_threads)
     runner.session = session
     return runner
 
 
 def tensorrt_status() -> tuple:
-    """(True, version) where TF-TRT can run: an NVIDIA GPU and a TensorFlow built with TensorRT; else (False, why)."""
+    """(True, version) where TF-TRT can run: an NVIDIA GPU and a TensorFlow built with TensorRT;
+    else (False, why)."""
     if not tf.config.list_physical_devices("GPU"):
         return False, "no NVIDIA GPU is visible to TensorFlow"
     try:
@@ -95,8 +92,8 @@ def tensorrt_status() -> tuple:
     except ImportError as error:
         return False, f"this TensorFlow has no TF-TRT module ({error})"
     if not trt_utils.is_tensorrt_enabled():
-        return False, ("this TensorFlow build has TensorRT support compiled out (the pip wheels do; "
-                       "NVIDIA's TensorFlow containers keep it)")
+        return False, ("this TensorFlow build has TensorRT support compiled out (the pip wheels "
+                       "do; NVIDIA's TensorFlow containers keep it)")
     loaded = trt_utils.get_loaded_tensorrt_version()
     if not loaded or loaded[0] == 0:
         return False, "the TensorRT libraries (libnvinfer) could not be loaded"
@@ -104,18 +101,22 @@ def tensorrt_status() -> tuple:
 
 
 def tftrt_convert(saved_model_dir, output_dir, images: np.ndarray, precision: str = "FP16") -> Path:
-    """A SavedModel rewritten by TF-TRT (TensorRT engines built for images' batch size), saved to output_dir."""
+    """A SavedModel rewritten by TF-TRT (TensorRT engines built for images' batch size), saved to
+    output_dir."""
     if precision not in ("FP32", "FP16"):
-        raise ValueError(f"precision must be 'FP32' or 'FP16' (INT8 needs calibration), got {precision!r}")
+        raise ValueError(f"precision must be 'FP32' or 'FP16' (INT8 needs calibration), "
+                         f"got {precision!r}")
     ok, why = tensorrt_status()
     if not ok:
         raise RuntimeError(f"TF-TRT cannot run here: {why}")
+    # TensorRT only: see the note at the top
     from tensorflow.python.compiler.tensorrt import trt_convert as trt
-    converter = trt.TrtGraphConverterV2(input_saved_model_dir=str(measure.check_saved_model(saved_model_dir)),
-                                        precision_mode=precision)
+    source = str(measure.check_saved_model(saved_model_dir))
+    converter = trt.TrtGraphConverterV2(input_saved_model_dir=source, precision_mode=precision)
     converter.convert()
 
-    def input_fn():  # one batch of the shape to serve: TensorRT builds its engines now, not on the first call
+    # one batch of the shape to serve: TensorRT builds its engines now, not on the first call
+    def input_fn():
         yield (tf.constant(images, tf.float32),)
     converter.build(input_fn=input_fn)
     converter.save(str(output_dir))
@@ -123,7 +124,8 @@ def tftrt_convert(saved_model_dir, output_dir, images: np.ndarray, precision: st
 
 
 def runtime_runners(model: keras.Model, paths: dict, onnx_path=None) -> list:
-    """One runner per runtime for the same model: `paths` from models.export_baseline, `onnx_path` if any.
+    """One runner per runtime for the same model: `paths` from models.export_baseline,
+    `onnx_path` if any.
 
     TensorFlow runtimes use every core (threads None); LiteRT and ONNX Runtime state their threads.
     """
@@ -136,18 +138,20 @@ def runtime_runners(model: keras.Model, paths: dict, onnx_path=None) -> list:
     for threads in sorted({1, min(2, cores)}):
         label = f"LiteRT XNNPACK {threads} thread{'s' if threads > 1 else ''}"
         runners.append(measure.litert(paths["tflite"], threads, name=label))
-    runners.append(measure.litert(paths["tflite"], 1, xnnpack=False, name="LiteRT built-in kernels 1 thread"))
+    runners.append(measure.litert(paths["tflite"], 1, xnnpack=False,
+                                  name="LiteRT built-in kernels 1 thread"))
     if onnx_path is not None:
         runners.append(onnx_runner(onnx_path, 1, name="ONNX Runtime 1 thread"))
     return runners
 
 
 def variant_name(runner_name: str, prefix: str = "runtime") -> str:
-    """'LiteRT XNNPACK 2 threads' -> 'runtime-litert-xnnpack-2-threads': a results-store variant name."""
+    """'LiteRT XNNPACK 2 threads' -> 'runtime-litert-xnnpack-2-threads': a results-store variant
+    name."""
     return f"{prefix}-" + re.sub(r"[^a-z0-9]+", "-", runner_name.lower()).strip("-")
 
 
-# ----------------------------------------------------------------------------- 6. the compute floor
+# ----------------------------------------------------------------------------- 2. the compute floor
 
 @dataclass
 class Probe:
@@ -164,7 +168,8 @@ def conv_probe(size: int = 56, channels: int = 64, kernel: int = 3) -> keras.Mod
                          f"got {size}, {channels}, {kernel}")
     keras.utils.set_random_seed(0)
     inputs = keras.Input((size, size, channels), batch_size=1, name="probe_input")
-    outputs = keras.layers.Conv2D(channels, kernel, padding="same", use_bias=False, name="probe_conv")(inputs)
+    outputs = keras.layers.Conv2D(channels, kernel, padding="same", use_bias=False,
+                                  name="probe_conv")(inputs)
     return keras.Model(inputs, outputs, name=f"conv_probe_{size}x{size}x{channels}_k{kernel}")
 
 
@@ -175,19 +180,20 @@ def export_probes(size: int = 56, channels: int = 64, kernel: int = 3,
     The int8 file is made by quantization.converter, calibrated on four random inputs (a probe
     measures speed, so any ranges do).
     """
-    from labkit import quantization
     model = conv_probe(size, channels, kernel)
     calibration = np.random.default_rng(0).random((4, size, size, channels), dtype=np.float32)
     probes = []
     for precision, mode, images in (("fp32", "float32", None), ("int8", "int8", calibration)):
-        path = quantization.export(model, mode, images, name=f"{model.name}_{precision}", directory=directory)
+        path = quantization.export(model, mode, images, name=f"{model.name}_{precision}",
+                                   directory=directory)
         probes.append(Probe(path, precision, measure.count_macs(model)))
     return probes
 
 
 def _probe_runner(probe: Probe, threads: int) -> measure.Runner:
-    """Invoke the probe on a fixed random input; the image measure_latency hands over is ignored."""
-    interpreter = measure.LiteRTModel(probe.path, num_threads=threads).interpreter   # with XNNPACK
+    """Invoke the probe on a fixed random input; the image measure_latency hands over is
+    ignored."""
+    interpreter = measure.LiteRTModel(probe.path, num_threads=threads).interpreter  # with XNNPACK
     detail = interpreter.get_input_details()[0]
     rng = np.random.default_rng(0)
     if detail["dtype"] == np.float32:
@@ -195,14 +201,16 @@ def _probe_runner(probe: Probe, threads: int) -> measure.Runner:
     else:
         x = rng.integers(-128, 128, detail["shape"]).astype(detail["dtype"])
     interpreter.set_tensor(detail["index"], x)
-    runner = measure.Runner(f"probe {probe.precision} {threads} thread(s)", lambda _: interpreter.invoke(),
-                            "invoke only (input set once)", threads=threads)
+    runner = measure.Runner(f"probe {probe.precision} {threads} thread(s)",
+                            lambda _: interpreter.invoke(), "invoke only (input set once)",
+                            threads=threads)
     runner.interpreter = interpreter
     return runner
 
 
 def peak_mac_rate(probes, threads=(1, 2), repeats: int = 40, warmup: int = 3) -> pd.DataFrame:
-    """MACs per second each probe reaches on LiteRT with XNNPACK at each thread count, timed interleaved."""
+    """MACs per second each probe reaches on LiteRT with XNNPACK at each thread count, timed
+    interleaved."""
     if not threads or min(threads) < 1:
         raise ValueError(f"threads must be positive counts, got {threads}")
     pairs = [(probe, n) for probe in probes for n in threads]
@@ -219,10 +227,11 @@ def peak_mac_rate(probes, threads=(1, 2), repeats: int = 40, warmup: int = 3) ->
 
 def compute_floor(macs_per_image: int, latency, throughput: pd.Series, peak: pd.DataFrame,
                   batch_size: int = LARGE_BATCH) -> pd.DataFrame:
-    """Per runtime: the MAC rate reached at batch 1 and at a large batch, as a fraction of the fp32 peak.
+    """Per runtime: the MAC rate reached at batch 1 and at a large batch, as a fraction of the fp32
+    peak.
 
-    A runner is compared with the best fp32 rate measured at its thread count or fewer; threads=None
-    (TensorFlow, every core) counts as the most threads measured.
+    A runner is compared with the best fp32 rate measured at its thread count or fewer;
+    threads=None (TensorFlow, every core) counts as the most threads measured.
     `overhead_us` = batch-1 p50 minus the per-image time at the large batch: the fixed cost of one
     call (Python, argument conversion, dispatch, thread wake-up) that a large batch spreads thin.
     """
@@ -231,7 +240,8 @@ def compute_floor(macs_per_image: int, latency, throughput: pd.Series, peak: pd.
     rows = []
     for name, row in summary.iterrows():
         threads = int(row["threads"]) if pd.notna(row["threads"]) else int(fp32.index.max())
-        # n threads can do at least what fewer threads did: on a busy machine 2 threads may measure slower
+        # n threads can do at least what fewer threads did: on a busy machine 2 threads may
+        # measure slower
         peak_gmacs = float(fp32[fp32.index <= threads].max())
         ips = float(throughput[name])
         gmacs_1 = macs_per_image / row["latency_p50_us"] / 1e3

@@ -8,12 +8,14 @@ from labkit import folding, graph, measure, models
 
 
 def randomize_batchnorm(model, seed=0):
-    """Give every BatchNormalization non-trivial statistics, so that folding has something to fold."""
+    """Give every BatchNormalization non-trivial statistics, so that folding has something to
+    fold."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             shapes = [w.shape for w in layer.get_weights()]
-            values = {"gamma": rng.uniform(0.5, 1.5, shapes[0]), "beta": rng.normal(0, 0.5, shapes[0]),
+            values = {"gamma": rng.uniform(0.5, 1.5, shapes[0]),
+                      "beta": rng.normal(0, 0.5, shapes[0]),
                       "moving_mean": rng.normal(0, 0.5, shapes[0]),
                       "moving_variance": rng.uniform(0.5, 2.0, shapes[0])}
             layer.set_weights([values[w.name.split("/")[-1].split(":")[0]].astype(np.float32)
@@ -23,7 +25,8 @@ def randomize_batchnorm(model, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    """A copy of conftest's tiny_model (trained, so its biases are non-zero) with far-from-identity batch norms."""
+    """A copy of conftest's tiny_model (trained, so its biases are non-zero) with
+    far-from-identity batch norms."""
     return randomize_batchnorm(models.clone_with_weights(tiny_model))
 
 
@@ -32,7 +35,7 @@ def frozen(tiny):
     return graph.freeze(tiny)
 
 
-# ----------------------------------------------------------------------------- freezing and Grappler
+# ---------------------------------------------------------------------------- freezing and Grappler
 
 def test_freeze_turns_variable_reads_into_constants(tiny, frozen, images):
     before, function = frozen
@@ -40,7 +43,8 @@ def test_freeze_turns_variable_reads_into_constants(tiny, frozen, images):
     counts_before, counts_after = graph.op_counts(before), graph.op_counts(after)
     n_variables = len(tiny.weights)  # every weight is read once, optimizer-free inference graph
     assert counts_before["ReadVariableOp"] == n_variables
-    assert counts_before["Placeholder"] == 1 + n_variables  # the image and one resource handle per variable
+    # the image and one resource handle per variable
+    assert counts_before["Placeholder"] == 1 + n_variables
     assert counts_after["ReadVariableOp"] == 0 and counts_after["Placeholder"] == 1
     assert counts_after["Const"] >= n_variables
     table = graph.op_table(before=before, after=after)
@@ -57,9 +61,10 @@ def test_grappler_fuses_conv_batchnorm_relu_and_keeps_the_output(tiny, frozen, i
     assert counts["_FusedConv2D"] == 2
     fused = [list(n.attr["fused_ops"].list.s) for n in optimized.node if n.op == "_FusedConv2D"]
     assert all(ops == [b"FusedBatchNorm", b"Relu"] for ops in fused), fused
-    # conv, bn, relu x2 blocks + pools + flatten + two dense (MatMul, BiasAdd, one Relu) = 14 kernels
+    # conv, bn, relu x2 blocks + pools + flatten + two dense (MatMul, BiasAdd, one Relu) = 14
     assert graph.compute_op_count(function.graph.as_graph_def()) == 14
-    assert graph.compute_op_count(optimized) == 7  # 2 fused convs, 2 pools, reshape, 2 fused matmuls
+    # 2 fused convs, 2 pools, reshape, 2 fused matmuls
+    assert graph.compute_op_count(optimized) == 7
     gone = graph.disappeared(function.graph.as_graph_def(), optimized)["gone"]
     assert {"FusedBatchNormV3", "Conv2D", "NoOp"} <= set(gone)
     runner = graph.graph_runner(optimized, function.inputs, function.outputs, "grappler")
@@ -88,7 +93,8 @@ def test_fold_conv_bn_equals_tensorflow_conv_then_batchnorm():
     x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
     kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
     bias, beta, mean = (rng.normal(size=5).astype(np.float32) for _ in range(3))
-    gamma, variance = rng.uniform(0.5, 2, 5).astype(np.float32), rng.uniform(0.1, 3, 5).astype(np.float32)
+    gamma = rng.uniform(0.5, 2, 5).astype(np.float32)
+    variance = rng.uniform(0.1, 3, 5).astype(np.float32)
     reference = tf.nn.batch_normalization(tf.nn.conv2d(x, kernel, 1, "SAME") + bias,
                                           mean, variance, beta, gamma, 1e-3).numpy()
     new_kernel, new_bias = folding.fold_conv_bn(kernel, bias, gamma, beta, mean, variance, 1e-3)
@@ -101,7 +107,8 @@ def test_fold_batchnorm_removes_every_bn_and_keeps_the_outputs(tiny, images):
     assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
     convs = [l for l in folded.layers if isinstance(l, keras.layers.Conv2D)]
     assert len(convs) == 2 and all(c.use_bias for c in convs)
-    bn_params = sum(l.count_params() for l in tiny.layers if isinstance(l, keras.layers.BatchNormalization))
+    bn_params = sum(l.count_params() for l in tiny.layers
+                    if isinstance(l, keras.layers.BatchNormalization))
     conv_biases = sum(c.filters for c in convs)
     assert folded.count_params() == tiny.count_params() - bn_params + conv_biases
     assert graph.max_abs_diff(tiny, folded, images, batch_size=5) <= 1e-4
@@ -110,11 +117,14 @@ def test_fold_batchnorm_removes_every_bn_and_keeps_the_outputs(tiny, images):
 def test_fold_batchnorm_gives_the_layout_of_build_cnn_without_batchnorm(tiny, images):
     folded = folding.fold_batchnorm(tiny)
     plain = models.build_cnn((4, 8), 16, batchnorm=False)
-    assert [(l.name, type(l).__name__) for l in folded.layers] == [(l.name, type(l).__name__) for l in plain.layers]
+    def layout(model):
+        return [(l.name, type(l).__name__) for l in model.layers]
+    assert layout(folded) == layout(plain)
     for name in ("conv1", "conv2"):
         conv = folded.get_layer(name)
         assert conv.use_bias and conv.activation is keras.activations.relu, name
-    plain.set_weights(folded.get_weights())   # same shapes, same order: pipeline and structured rely on it
+    # same shapes, same order: pipeline and structured rely on it
+    plain.set_weights(folded.get_weights())
     assert graph.max_abs_diff(tiny, plain, images) <= 1e-4
     assert models.weight_layers(folded) == models.weight_layers(tiny)
 
@@ -149,13 +159,16 @@ def randomize_batchnorm_partial(model):
     rng = np.random.default_rng(4)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.set_weights([rng.uniform(0.5, 2, w.shape).astype(np.float32) for w in layer.get_weights()])
+            layer.set_weights([rng.uniform(0.5, 2, w.shape).astype(np.float32)
+                               for w in layer.get_weights()])
 
 
 def test_fold_leaves_a_conv_with_an_activation_alone(images):
     keras.utils.set_random_seed(5)
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(3, 3, activation="relu"),
-                              keras.layers.BatchNormalization(), keras.layers.GlobalAveragePooling2D()])
+    model = keras.Sequential([keras.Input((28, 28, 1)),
+                              keras.layers.Conv2D(3, 3, activation="relu"),
+                              keras.layers.BatchNormalization(),
+                              keras.layers.GlobalAveragePooling2D()])
     randomize_batchnorm_partial(model)
     folded = folding.fold_batchnorm(model)
     assert any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
@@ -190,18 +203,25 @@ def test_the_tflite_converter_folds_and_fuses_in_its_own_mlir_passes_not_grapple
     report = graph.converter_passes(tiny)
     assert report["grappler_passes"] == []   # the default converter hands Grappler nothing to run
     ops = report["ops"]
-    assert list(ops.columns) == ["TF graph in", "after PrepareTF", "after LegalizeTF", "after Optimize"]
-    assert ops.loc["tf.FusedBatchNormV3", "TF graph in"] == 2 and ops.loc["tf.FusedBatchNormV3"].iloc[1:].sum() == 0
-    assert ops.loc["tfl.conv_2d", "after PrepareTF"] == 2   # batch norm gone into the filter, in PrepareTF
+    assert list(ops.columns) == ["TF graph in", "after PrepareTF", "after LegalizeTF",
+                                 "after Optimize"]
+    assert ops.loc["tf.FusedBatchNormV3", "TF graph in"] == 2
+    assert ops.loc["tf.FusedBatchNormV3"].iloc[1:].sum() == 0
+    # batch norm gone into the filter, in PrepareTF
+    assert ops.loc["tfl.conv_2d", "after PrepareTF"] == 2
     after = ops["after Optimize"]
-    assert not any(op.startswith("tf.") and n for op, n in after.items())   # every op legalized to TFLite
-    assert after.get("tfl.relu", 0) == 0 and after.get("tfl.add", 0) == 0   # fused into conv / fully connected
+    # every op legalized to TFLite
+    assert not any(op.startswith("tf.") and n for op, n in after.items())
+    # fused into conv / fully connected
+    assert after.get("tfl.relu", 0) == 0 and after.get("tfl.add", 0) == 0
     assert after["tfl.conv_2d"] == 2 and after["tfl.fully_connected"] == 2
 
 
 def test_mlir_op_counts_reads_both_op_forms_and_skips_constants():
-    text = ('%0 = "tfl.conv_2d"(%arg0, %cst) : ...\n%1 = tfl.add %0, %cst_1 {fused_activation_function = "NONE"}\n'
-            '%cst = "tf.Const"() <{value = dense<1.0>}>\n%2 = "tfl.no_value"() {value} : () -> none\n'
+    text = ('%0 = "tfl.conv_2d"(%arg0, %cst) : ...\n'
+            '%1 = tfl.add %0, %cst_1 {fused_activation_function = "NONE"}\n'
+            '%cst = "tf.Const"() <{value = dense<1.0>}>\n'
+            '%2 = "tfl.no_value"() {value} : () -> none\n'
             'attributes {tf.entry_function = {inputs = "x"}}')
     assert graph.mlir_op_counts(text) == {"tfl.conv_2d": 1, "tfl.add": 1}
 

@@ -13,13 +13,15 @@ def test_op_precisions_per_mode(tiny_model, splits, tmp_path):
     expected = {"float32": "float32", "float16": "float16", "dynamic": "int8", "int8": "int8"}
     for mode, dtype in expected.items():
         calibration = splits.x_train[:50] if mode == "int8" else None
-        path = models.save_tflite(quantization.converter(tiny_model, mode, calibration), tmp_path / f"{mode}.tflite")
+        path = models.save_tflite(quantization.converter(tiny_model, mode, calibration),
+                                  tmp_path / f"{mode}.tflite")
         precisions = mixed.op_precisions(path, layers)
         assert sorted(precisions.index) == sorted(layers)
         # dynamic range leaves tiny kernels (conv1 has 36 weights) in float: check the large ones
         big = ["dense1"] if mode == "dynamic" else layers
         assert set(precisions.loc[big, "weights"]) == {dtype}, (mode, precisions)
-        assert set(precisions["input"]) == ({"int8"} if mode == "int8" else {"float32"}), (mode, precisions)
+        inputs = {"int8"} if mode == "int8" else {"float32"}
+        assert set(precisions["input"]) == inputs, (mode, precisions)
 
 
 def test_denylist_trap_and_mixed_model(tiny_model, splits, tmp_path):
@@ -31,7 +33,8 @@ def test_denylist_trap_and_mixed_model(tiny_model, splits, tmp_path):
     # the trap: a Keras name is not a node name, and the denylist ignores it silently
     naive = models.save_tflite(mixed.denylist(debug, ["logits"]), tmp_path / "naive.tflite")
     assert set(mixed.op_precisions(naive, layers)["weights"]) == {"int8"}
-    path = mixed.mixed_tflite(tiny_model, calibration, ["conv1", "logits"], tmp_path / "mixed.tflite")
+    path = mixed.mixed_tflite(tiny_model, calibration, ["conv1", "logits"],
+                              tmp_path / "mixed.tflite")
     precisions = mixed.op_precisions(path, layers)
     assert precisions.loc[["conv1", "logits"], "weights"].tolist() == ["float32", "float32"]
     assert precisions.loc[["conv2", "dense1"], "weights"].tolist() == ["int8", "int8"]
@@ -58,8 +61,8 @@ def test_sensitivity_table(tiny_model, splits, tmp_path):
 
 
 def test_fragile_layers_rule():
-    table = pd.DataFrame({"gain": [0.0, 0.002, 0.002, -0.001], "rmse_in_steps": [0.5, 0.3, 0.4, 0.9]},
-                         index=["a", "b", "c", "d"])
+    table = pd.DataFrame({"gain": [0.0, 0.002, 0.002, -0.001],
+                          "rmse_in_steps": [0.5, 0.3, 0.4, 0.9]}, index=["a", "b", "c", "d"])
     assert mixed.fragile_layers(table, 2) == ["c", "b"]   # gains first, error breaks the tie
     assert mixed.fragile_layers(table, 1) == ["c"]
     no_gain = table.assign(gain=0.0)

@@ -1,14 +1,18 @@
-"""labkit.quantizers and labkit.quantization: the NumPy quantizers against TensorFlow and the TFLite
-converter, the converter's modes, and QAT with its cache, on the conftest tiny models."""
+"""labkit.quantizers and labkit.quantization: the NumPy quantizers against TensorFlow and the
+TFLite converter, the converter's modes, and QAT with its cache, on the conftest tiny models."""
+import hashlib
+
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from labkit import models, tflite
+from labkit import files, models, tflite
 from labkit import quantization as quant
 from labkit import quantizers as qz
 
 RNG = np.random.default_rng(0)
-PLAN = models.FineTune(train_subset=256, batch_size=64, learning_rate=1e-4)   # QAT in tests: 4 steps
+# QAT in tests: 4 steps
+PLAN = models.FineTune(train_subset=256, batch_size=64, learning_rate=1e-4)
 
 
 def noise_images(n, seed=0):
@@ -18,7 +22,8 @@ def noise_images(n, seed=0):
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_bn_model, splits, tmp_path_factory):
     representative = np.ascontiguousarray(splits.x_train[:24])
-    path = quant.export(tiny_bn_model, "int8", representative, directory=tmp_path_factory.mktemp("q"))
+    path = quant.export(tiny_bn_model, "int8", representative,
+                        directory=tmp_path_factory.mktemp("q"))
     return path, representative
 
 
@@ -87,8 +92,10 @@ def test_empty_representative_dataset_raises(tiny_model):
 
 def test_representative_dataset_takes_all_of_a_small_set_in_order_and_samples_a_large_one():
     x = noise_images(10)
-    np.testing.assert_array_equal(np.concatenate([b[0] for b in quant.representative_dataset(x)()]), x)
-    picked = np.concatenate([b[0] for b in quant.representative_dataset(noise_images(50), num_samples=7)()])
+    every = quant.representative_dataset(x)()
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in every]), x)
+    some = quant.representative_dataset(noise_images(50), num_samples=7)()
+    picked = np.concatenate([b[0] for b in some])
     assert len(picked) == 7
 
 
@@ -97,17 +104,18 @@ def test_representative_dataset_takes_all_of_a_small_set_in_order_and_samples_a_
 def _disagreements(ours, theirs, step):
     """Elements that differ, after checking each differs by exactly one step (a rounding tie)."""
     off = np.abs(ours - theirs) > 1e-6
-    np.testing.assert_allclose(np.abs(ours - theirs)[off], np.broadcast_to(step, ours.shape)[off], rtol=1e-3)
+    np.testing.assert_allclose(np.abs(ours - theirs)[off], np.broadcast_to(step, ours.shape)[off],
+                               rtol=1e-3)
     return off.mean()
 
 
 @pytest.mark.parametrize("bits", [8, 5, 3])
 def test_affine_matches_tensorflow_fake_quant(bits):
-    import tensorflow as tf
     x = (RNG.normal(size=(500, 6)) * np.array([0.01, 0.1, 1, 3, 0.5, 2])
          + np.array([0, 0.2, -1, 0, 0.1, 5])).astype(np.float32)
     ours = qz.fake_quantize(x, bits, "affine")
-    theirs = tf.quantization.fake_quant_with_min_max_vars(x, min(x.min(), 0.0), max(x.max(), 0.0), num_bits=bits).numpy()
+    theirs = tf.quantization.fake_quant_with_min_max_vars(x, min(x.min(), 0.0), max(x.max(), 0.0),
+                                                          num_bits=bits).numpy()
     assert _disagreements(ours, theirs, qz.affine_params(x, bits).scale) < 1e-3
     ours_c = qz.fake_quantize(x, bits, "affine", axis=-1)
     theirs_c = tf.quantization.fake_quant_with_min_max_vars_per_channel(
@@ -127,7 +135,8 @@ def test_uniform_error_bound_zero_exact_and_code_range(scheme, axis, bits):
     assert q.min() >= p.qmin and q.max() <= p.qmax
     error = np.abs(qz.dequantize(q, p) - x)
     scale = qz.along(p.scale, x.ndim, p.axis)
-    assert np.all(error <= scale / 2 * (1 + 1e-5)), "every value lies inside the range, so error <= half a step"
+    assert np.all(error <= scale / 2 * (1 + 1e-5)), \
+        "every value lies inside the range, so error <= half a step"
     assert qz.dequantize(q, p)[0, 0] == 0.0, "zero must be exactly representable"
     if scheme == "symmetric":
         assert np.all(p.zero_point == 0) and p.qmin == -p.qmax
@@ -157,8 +166,9 @@ def test_per_channel_beats_per_tensor_on_unequal_channels():
 
 def test_about_6_db_per_bit():
     x = RNG.uniform(-1, 1, 200_000).astype(np.float32)
-    gains = [qz.sqnr_db(x, qz.fake_quantize(x, b + 1, "symmetric")) - qz.sqnr_db(x, qz.fake_quantize(x, b, "symmetric"))
-             for b in (5, 6, 7)]
+    def sqnr(bits):
+        return qz.sqnr_db(x, qz.fake_quantize(x, bits, "symmetric"))
+    gains = [sqnr(b + 1) - sqnr(b) for b in (5, 6, 7)]
     assert np.allclose(gains, 20 * np.log10(2), atol=0.3), gains
 
 
@@ -185,7 +195,8 @@ def test_kmeans_levels_are_the_means_of_their_members_and_beat_even_levels():
 def test_kmeans_per_channel_keeps_channels_apart():
     x = np.stack([RNG.normal(0, 0.01, 100), RNG.normal(5, 1, 100)], axis=1).astype(np.float32)
     out = qz.fake_quantize(x, 2, "kmeans", axis=1)
-    assert np.abs(out[:, 0]).max() < 0.1 and out[:, 1].min() > 1, "a channel's codebook must only see that channel"
+    assert np.abs(out[:, 0]).max() < 0.1 and out[:, 1].min() > 1, \
+        "a channel's codebook must only see that channel"
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -195,7 +206,8 @@ def test_calibration_methods_and_one_outlier():
     spiked = np.append(values, 10 * values.max()).astype(np.float32)
     assert qz.calibrate(values, "minmax") == (0.0, pytest.approx(values.max()))
     assert qz.calibrate(spiked, "minmax")[1] == pytest.approx(10 * values.max())
-    assert qz.calibrate(spiked, "percentile")[1] == pytest.approx(qz.calibrate(values, "percentile")[1], rel=0.01)
+    clean_hi = qz.calibrate(values, "percentile")[1]
+    assert qz.calibrate(spiked, "percentile")[1] == pytest.approx(clean_hi, rel=0.01)
     lo, hi = qz.calibrate(values, "mse", bits=4)
     assert 0 < hi <= values.max()
     assert qz.range_mse(values, lo, hi, 4) <= qz.range_mse(values, 0, values.max(), 4)
@@ -209,7 +221,8 @@ def test_weight_sweep_rows(tiny_model, images, splits):
     assert sq["per-channel", 8] > sq["per-channel", 2] and sq["per-tensor", 8] > sq["per-tensor", 2]
     assert sq["per-channel", 8] >= sq["per-tensor", 8]
     with pytest.raises(ValueError, match="from 1 to 16"):
-        qz.weight_sweep(tiny_model, images, splits.y_test[:len(images)], bits_list=(0,), progress=False)
+        qz.weight_sweep(tiny_model, images, splits.y_test[:len(images)], bits_list=(0,),
+                        progress=False)
 
 
 # ----------------------------------------------------------------------------- the converter
@@ -217,17 +230,34 @@ def test_weight_sweep_rows(tiny_model, images, splits):
 @pytest.mark.parametrize("mode, int8_io, expected", [
     ("float32", True, np.float32), ("float16", True, np.float32), ("dynamic", True, np.float32),
     ("int8", True, np.int8), ("int8", False, np.float32)])
-def test_converter_modes_give_the_expected_io_and_weight_dtypes(tiny_model, images, tmp_path, mode, int8_io, expected):
+def test_converter_modes_give_the_expected_io_and_weight_dtypes(tiny_model, images, tmp_path,
+                                                                mode, int8_io, expected):
     calibration = images if mode == "int8" else None
-    path = models.save_tflite(quant.converter(tiny_model, mode, calibration, int8_io=int8_io), tmp_path / "m.tflite")
+    path = models.save_tflite(quant.converter(tiny_model, mode, calibration, int8_io=int8_io),
+                              tmp_path / "m.tflite")
     assert tflite.io_dtypes(path) == (np.dtype(expected), np.dtype(expected))
-    stored = tflite.weights(path)["dense1"]["dtype"].name   # small kernels stay float in dynamic mode
+    # small kernels stay float in dynamic mode
+    stored = tflite.weights(path)["dense1"]["dtype"].name
     assert stored == {"float32": "float32", "float16": "float16"}.get(mode, "int8"), (mode, stored)
     ops = tflite.op_names(path)
-    assert (ops[0] == "QUANTIZE" and ops[-1] == "DEQUANTIZE") == (mode == "int8" and not int8_io), ops
+    wrapped = ops[0] == "QUANTIZE" and ops[-1] == "DEQUANTIZE"
+    assert wrapped == (mode == "int8" and not int8_io), ops
 
 
-def test_export_is_cached_by_model_weights_settings_and_calibration(tiny_model, tiny_plain_model, images, tmp_path):
+def test_export_keys_calibration_by_content_key_as_before(tiny_model, images, tmp_path):
+    """The calibration images' key is files.content_key of their float32 bytes: the digits the
+    cache used before content_key existed, so existing entries stay valid."""
+    x = np.ascontiguousarray(images, np.float32)
+    before = hashlib.sha256(str(x.shape).encode() + x.tobytes()).hexdigest()[:10]
+    assert files.content_key(x) == before
+    path = quant.export(tiny_model, "int8", images.astype(np.float64), directory=tmp_path)
+    assert models.cached("int8", {"mode": "int8", "int8_io": True, "sparse": False,
+                                  "num_samples": 500, "calibration": before},
+                         [tiny_model], None, tmp_path, kind="tflite")[0] == path
+
+
+def test_export_is_cached_by_model_weights_settings_and_calibration(tiny_model, tiny_plain_model,
+                                                                    images, tmp_path):
     first = quant.export(tiny_model, "int8", images, directory=tmp_path)
     stamp = first.stat().st_mtime_ns
     assert quant.export(tiny_model, "int8", images, directory=tmp_path) == first
@@ -252,13 +282,14 @@ def test_int8_file_matches_labkit_arithmetic(tiny_bn_model, tiny_int8):
 
 
 def test_deployed_kernels_fold_the_batch_norm(tiny_bn_model, images):
-    """Folded conv (no BN) must give the same pre-activation as conv followed by BN, up to the BN shift."""
-    import tensorflow as tf
+    """Folded conv (no BN) must give the same pre-activation as conv followed by BN, up to the BN
+    shift."""
     x = images[:3]
     conv, bn = tiny_bn_model.get_layer("conv1"), tiny_bn_model.get_layer("bn1")
     gamma, beta, mean, var = bn.get_weights()
     folded = quant.deployed_kernels(tiny_bn_model)["conv1"]
-    assert not np.allclose(folded, conv.kernel.numpy(), atol=1e-3), "this batch norm must change the kernel"
+    assert not np.allclose(folded, conv.kernel.numpy(), atol=1e-3), \
+        "this batch norm must change the kernel"
     reference = bn(conv(x), training=False).numpy()
     shift = beta - mean * gamma / np.sqrt(var + bn.epsilon)
     ours = tf.nn.conv2d(x, folded, strides=1, padding="SAME").numpy() + shift
@@ -279,7 +310,8 @@ def test_size_breakdown_adds_up(tiny_bn_model, tiny_int8):
     path, _ = tiny_int8
     parts = quant.size_breakdown(path)
     assert parts.drop("file").sum() == parts["file"] == path.stat().st_size
-    assert parts["int8 constants"] == sum(models.kernel(tiny_bn_model, n).size for n in models.weight_layers(tiny_bn_model))
+    assert parts["int8 constants"] == sum(models.kernel(tiny_bn_model, n).size
+                                          for n in models.weight_layers(tiny_bn_model))
     assert parts["quantization parameters (est.)"] > 0
 
 
@@ -300,17 +332,21 @@ def test_qat_ranges_trap_seeding_and_int8_io(tiny_model, splits, tmp_path):
     before = [w.copy() for w in tiny_model.get_weights()]
     qat_model = quant.quantize_aware(tiny_model)
     x, y = splits.x_train[:64], splits.y_train[:64]
-    models.train(qat_model, x, y, epochs=1, batch_size=32, learning_rate=1e-4, progress=False)
+    models.train(qat_model, x, y, models.TrainSettings(epochs=1, batch_size=32, learning_rate=1e-4),
+                 progress=False)
     ranges = quant.activation_ranges(qat_model).set_index("layer")
-    assert ranges.loc["relu1", "min"] == pytest.approx(-6 * 0.999 ** 2, rel=1e-4), "tfmot's EMA start at -6"
+    assert ranges.loc["relu1", "min"] == pytest.approx(-6 * 0.999 ** 2, rel=1e-4), \
+        "tfmot's EMA start at -6"
     for a, b in zip(before, tiny_model.get_weights()):
         np.testing.assert_array_equal(a, b)  # QAT trained a clone, not the model it was given
 
     seeded = quant.seed_activation_ranges(qat_model, tiny_model, x).set_index("layer")
     assert seeded.loc["relu1", "min"] == 0.0
-    assert seeded.loc["relu1", "max"] == pytest.approx(float(qz.layer_outputs(tiny_model, "relu1", x).max()), rel=1e-5)
+    seen = float(qz.layer_outputs(tiny_model, "relu1", x).max())
+    assert seeded.loc["relu1", "max"] == pytest.approx(seen, rel=1e-5)
 
-    trap = models.save_tflite(quant.converter(qat_model, "int8", int8_io=False), tmp_path / "trap.tflite")
+    trap = models.save_tflite(quant.converter(qat_model, "int8", int8_io=False),
+                              tmp_path / "trap.tflite")
     assert tflite.io_dtypes(trap) == (np.dtype(np.float32), np.dtype(np.float32))
     assert tflite.op_names(trap)[0] == "QUANTIZE" and tflite.op_names(trap)[-1] == "DEQUANTIZE"
     fixed = models.save_tflite(quant.converter(qat_model, "int8"), tmp_path / "fixed.tflite")
@@ -318,10 +354,12 @@ def test_qat_ranges_trap_seeding_and_int8_io(tiny_model, splits, tmp_path):
     assert {w["dtype"].name for w in tflite.weights(fixed).values()} == {"int8"}
 
 
-def test_qat_cache_is_reused_for_the_same_weights_and_not_for_other_weights(tiny_model, splits, tmp_path):
+def test_qat_cache_is_reused_for_the_same_weights_and_not_for_other_weights(tiny_model, splits,
+                                                                            tmp_path):
     qat_model, record = quant.qat(tiny_model, splits, PLAN, directory=tmp_path, progress=False)
     assert record["cached"] is False and record["settings"]["scheme"] == "qat"
-    assert quant.activation_ranges(qat_model).set_index("layer").loc["relu1", "min"] == 0.0, "ranges seeded"
+    ranges = quant.activation_ranges(qat_model).set_index("layer")
+    assert ranges.loc["relu1", "min"] == 0.0, "ranges seeded"
     again, record_again = quant.qat(tiny_model, splits, PLAN, directory=tmp_path, progress=False)
     assert record_again["cached"] is True and record_again["inputs"] == record["inputs"]
     for a, b in zip(qat_model.get_weights(), again.get_weights()):
@@ -331,11 +369,14 @@ def test_qat_cache_is_reused_for_the_same_weights_and_not_for_other_weights(tiny
     kernel = other.get_layer("dense1").kernel
     kernel.assign(kernel.numpy() * 1.01)
     _, other_record = quant.qat(other, splits, PLAN, directory=tmp_path, progress=False)
-    assert other_record["cached"] is False, "a model with other weights must not get the first model's QAT"
+    assert other_record["cached"] is False, \
+        "a model with other weights must not get the first model's QAT"
     assert other_record["inputs"] != record["inputs"]
-    _, unseeded = quant.qat(tiny_model, splits, PLAN, seed_ranges=False, directory=tmp_path, progress=False)
+    _, unseeded = quant.qat(tiny_model, splits, PLAN, seed_ranges=False, directory=tmp_path,
+                            progress=False)
     assert unseeded["cached"] is False
-    assert len(list(tmp_path.glob("qat-*.weights.h5"))) == len(list(tmp_path.glob("qat-*.json"))) == 3
+    weights, records = list(tmp_path.glob("qat-*.weights.h5")), list(tmp_path.glob("qat-*.json"))
+    assert len(weights) == len(records) == 3
 
 
 def test_pcqat_keeps_sparsity_per_layer(tiny_plain_model):
@@ -347,7 +388,9 @@ def test_pcqat_keeps_sparsity_per_layer(tiny_plain_model):
         kernel[np.abs(kernel) < np.median(np.abs(kernel))] = 0.0   # half zeros, as pruning leaves
         model.get_layer(name).kernel.assign(kernel)
     qat_model = quant.quantize_aware(model, "pcqat")
-    preserve = {layer.name: getattr(layer.quantize_config.weight_quantizer, "preserve_sparsity", False)
-                for layer in qat_model.layers if hasattr(getattr(layer, "quantize_config", None), "weight_quantizer")}
+    preserve = {layer.name: getattr(layer.quantize_config.weight_quantizer, "preserve_sparsity",
+                                    False)
+                for layer in qat_model.layers
+                if hasattr(getattr(layer, "quantize_config", None), "weight_quantizer")}
     assert preserve["quant_conv2"] and preserve["quant_dense1"], preserve
     assert not preserve["quant_conv1"], preserve
