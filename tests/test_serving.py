@@ -1,4 +1,4 @@
-"""labkit.serving (notebook 09): request checks, the endpoint against LiteRT, load runs, failures, clean shutdown.
+"""labkit.serving: request checks, the endpoint against LiteRT, load runs, failures, clean shutdown.
 
 One Ray Serve server on a tiny int8 model serves the module's HTTP tests; the last of them stops
 it and checks that every process it started is gone. Load runs are a few seconds on loopback.
@@ -11,26 +11,34 @@ import time
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
+import requests
 
-import labkit.serving  # noqa: F401,E402  (its 127.0.0.1 switch, before anything imports Ray)
+import labkit.serving  # noqa: F401  (its 127.0.0.1 switch, before anything imports Ray)
+from labkit import measure, results
 
 pytest.importorskip("ray.serve")
 
-from labkit.serving import MAX_BODY_BYTES, MAX_IMAGES, load  # noqa: E402
+from labkit.distributed import ray_serving  # noqa: E402
+from labkit.distributed.ray_serving import RayUnavailable, job_processes  # noqa: E402
+from labkit.serving import MAX_BODY_BYTES, MAX_IMAGES, load, study  # noqa: E402
 from labkit.serving.app import ClientError, parse_images  # noqa: E402
+from labkit.serving.server import Server, free_port  # noqa: E402
 
 LOOPBACK_IPS = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 
 
 def test_a_process_that_imports_ray_builds_no_iri_parser():
-    """Every Serve replica and Ray worker is a new process that imports Ray. jsonschema 4.25+ makes that
-    import build rfc3987-syntax's parsers (a second of CPU each); pyproject.toml keeps jsonschema below."""
+    """Every Serve replica and Ray worker is a new process that imports Ray. jsonschema 4.25+
+    makes that import build rfc3987-syntax's parsers (a second of CPU each); pyproject.toml
+    keeps jsonschema below."""
     code = "import sys, ray; print('rfc3987_syntax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "False", ("importing Ray loaded rfc3987_syntax: reinstall with pip install -e . "
-                                           "so that jsonschema is below 4.25, as pyproject.toml asks")
+    assert out.stdout.strip() == "False", ("importing Ray loaded rfc3987_syntax: reinstall with "
+                                           "pip install -e . so that jsonschema is below 4.25, "
+                                           "as pyproject.toml asks")
 
 
 def image_list(n=1, value=0.5):
@@ -41,7 +49,7 @@ def body(obj) -> bytes:
     return json.dumps(obj).encode()
 
 
-# Every client mistake the endpoint must answer with a 4xx: (name, body, status, words in the message)
+# Every client mistake the endpoint answers with a 4xx: (name, body, status, words in its message)
 MISTAKES = [
     ("not JSON", b"{images: [", 400, "not JSON"),
     ("not UTF-8", b"\xff\xfe\x00", 400, "not JSON"),
@@ -61,7 +69,8 @@ MISTAKES = [
     ("infinite pixel", body({"images": image_list()}).replace(b"0.5", b"1e999", 1), 422, "finite"),
     ("pixel above 1", body({"images": image_list(value=255)}), 422, "[0, 1]"),
     ("negative pixel", body({"images": image_list(value=-0.1)}), 422, "[0, 1]"),
-    ("too many images", body({"images": image_list(MAX_IMAGES + 1)}), 413, f"limit is {MAX_IMAGES}"),
+    ("too many images", body({"images": image_list(MAX_IMAGES + 1)}), 413,
+     f"limit is {MAX_IMAGES}"),
     ("body over the size limit", b" " * (MAX_BODY_BYTES + 1), 413, "limit"),
 ]
 
@@ -92,19 +101,20 @@ def test_load_generator_sends_to_loopback_only():
 
 
 def test_serving_rows_go_to_the_store(tmp_path):
-    from labkit import results
-    from labkit.serving import study
     assert "serving" in results.TECHNIQUES
-    runs = pd.DataFrame({"setting": ["a", "a", "b"], "offered_rps": [10, 20, 10], "throughput_rps": [9.9, 19.5, 9.8],
-                         "p50_ms": [5.0, 8.0, 50.0], "p95_ms": [9.0, 40.0, 150.0], "p99_ms": [12.0, 120.0, 300.0],
+    runs = pd.DataFrame({"setting": ["a", "a", "b"], "offered_rps": [10, 20, 10],
+                         "throughput_rps": [9.9, 19.5, 9.8], "p50_ms": [5.0, 8.0, 50.0],
+                         "p95_ms": [9.0, 40.0, 150.0], "p99_ms": [12.0, 120.0, 300.0],
                          "ok": [10, 20, 10], "sent": [10, 20, 10]})
     slo = study.at_slo(runs, slo_p99_ms=100.0)
-    assert slo.loc["a", "rate_at_slo_rps"] == 10 and slo.loc["b", "rate_at_slo_rps"] == 0   # b never met it
+    assert slo.loc["a", "rate_at_slo_rps"] == 10
+    assert slo.loc["b", "rate_at_slo_rps"] == 0   # b never met it
     model = tmp_path / "m.tflite"
     model.write_bytes(b"0000TFL3")
     table = study.store_rows(slo, {"a": model, "b": model}, path=tmp_path / "store.csv")
     row = table.set_index("variant").loc["serving-a"]
-    assert row["technique"] == "serving" and row["latency_p50_us"] == 5000.0 and row["throughput_ips"] == 9.9
+    assert row["technique"] == "serving" and row["latency_p50_us"] == 5000.0
+    assert row["throughput_ips"] == 9.9
     saved = pd.read_csv(study.save_table(runs, tmp_path / "serving.csv"))
     assert "p99_ms" in saved.columns and len(saved) == 3
 
@@ -113,14 +123,11 @@ def test_serving_rows_go_to_the_store(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_model, tmp_path_factory):
-    from labkit.distributed import ray_serving
     return ray_serving.int8_tflite(tiny_model, directory=tmp_path_factory.mktemp("serving"))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_int8):
-    from labkit.distributed.ray_serving import RayUnavailable
-    from labkit.serving.server import Server
     live = Server(tiny_int8, batching=True, max_batch_size=8, batch_wait_timeout_s=0.005)
     try:
         live.start()
@@ -132,14 +139,11 @@ def server(tiny_int8):
 
 @pytest.fixture(scope="module")
 def traffic(tiny_int8, splits):
-    from labkit.serving import study
     x = np.asarray(splits.x_test[:100])
     return load.payloads(x), study.expected_labels(tiny_int8, x)
 
 
 def test_endpoint_answers_equal_litert(server, tiny_int8, splits):
-    import requests
-    from labkit import measure
     x = np.asarray(splits.x_test[:MAX_IMAGES])
     answer = requests.post(server.url + "/predict", json={"images": x[..., 0].tolist()}, timeout=30)
     assert answer.status_code == 200, answer.text
@@ -153,22 +157,22 @@ def test_endpoint_answers_equal_litert(server, tiny_int8, splits):
 
 
 def test_every_client_mistake_gets_its_4xx(server, splits):
-    import requests
     pids = server.replica_pids()
     with requests.Session() as session:
         for name, raw, status, words in MISTAKES:
-            answer = session.post(server.url + "/predict", data=raw, headers={"Content-Type": "application/json"},
-                                  timeout=30)
+            answer = session.post(server.url + "/predict", data=raw,
+                                  headers={"Content-Type": "application/json"}, timeout=30)
             assert answer.status_code == status, f"{name}: {answer.status_code} {answer.text[:200]}"
             assert words in answer.json()["error"], f"{name}: {answer.json()}"
-        chunked = session.post(server.url + "/predict", data=iter([b" " * 65536] * 20), timeout=30)  # no length
+        chunked = session.post(server.url + "/predict", data=iter([b" " * 65536] * 20),
+                               timeout=30)  # no length
         assert chunked.status_code == 413, chunked.text[:200]
         assert session.get(server.url + "/predict", timeout=10).status_code == 405
         assert session.post(server.url + "/health", timeout=10).status_code == 405
         missing = session.get(server.url + "/nowhere", timeout=10)
         assert missing.status_code == 404 and "routes" in missing.json()["error"]
-        good = session.post(server.url + "/predict", json={"images": np.asarray(splits.x_test[:1])[..., 0].tolist()},
-                            timeout=30)
+        one = np.asarray(splits.x_test[:1])[..., 0].tolist()
+        good = session.post(server.url + "/predict", json={"images": one}, timeout=30)
     assert good.status_code == 200
     assert server.replica_pids() == pids, "a client mistake must never cost a replica"
 
@@ -178,11 +182,13 @@ def test_batched_open_loop_run_loses_nothing(server, traffic):
     run = load.open_loop(server.url, bodies, expected, rate_rps=60, duration_s=2.0, timeout_s=10.0)
     run.check_counts()
     s = run.summary()
-    assert s["sent"] >= 60 and s["ok"] == s["sent"], s          # every request answered, and correctly
+    assert s["sent"] >= 60 and s["ok"] == s["sent"], s   # every request answered, and correctly
     assert s["wrong"] == s["error"] == s["timeout"] == s["refused"] == 0, s
     assert s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"] <= s["max_ms"], s
-    closed = load.closed_loop(server.url, bodies, expected, clients=8, duration_s=2.0, timeout_s=10.0)
-    assert closed.summary()["ok"] == len(closed.records) and closed.summary()["mean_batch_requests"] > 1.0, \
+    closed = load.closed_loop(server.url, bodies, expected, clients=8, duration_s=2.0,
+                              timeout_s=10.0)
+    assert closed.summary()["ok"] == len(closed.records)
+    assert closed.summary()["mean_batch_requests"] > 1.0, \
         "with 8 clients at once, serve.batch should put more than one request in a model call"
 
 
@@ -196,40 +202,42 @@ def test_admission_control_refuses_excess_with_503(server, traffic):
 
 
 def test_a_killed_replica_is_replaced_and_retries_lose_nothing(server, traffic):
-    from labkit.serving import study
     bodies, expected = traffic
-    table = study.replica_failure(server, bodies, expected, clients=4, duration_s=3.0, kill_after_s=1.0,
+    table = study.replica_failure(server, bodies, expected, clients=4, duration_s=3.0,
+                                  kill_after_s=1.0,
                                   retries=(3,), batching=True)
     row = table.loc[3]
-    assert row["ok"] == row["sent"] > 0, row.to_dict()              # the client's retries lost nothing
-    assert row["replicas_after"] == 2 and len(row["new_pids"]) == 1 and row["killed_pid"] not in row["new_pids"]
+    assert row["ok"] == row["sent"] > 0, row.to_dict()   # the client's retries lost nothing
+    assert row["replicas_after"] == 2 and len(row["new_pids"]) == 1
+    assert row["killed_pid"] not in row["new_pids"]
 
 
 def test_listening_sockets_are_on_loopback(server):
-    """Every port of the server's processes listens on 127.0.0.1, except one Ray Serve 2.60 hard-codes.
+    """Every port of the server's processes listens on 127.0.0.1, but one Ray Serve 2.60 hard-codes.
 
     Each replica's inter-deployment gRPC server binds [::]:0 (ray/serve/_private/replica.py,
     `add_port_to_grpc_server(self._server, "[::]:0")`), with no option to change it; this test pins
     that exception down so a new one cannot slip in.
     """
-    import psutil
     wide = []
     for process in server.processes():
         try:
             title = " ".join(process.cmdline())
-            listening = [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            listening = [c for c in process.net_connections(kind="inet")
+                         if c.status == psutil.CONN_LISTEN]
         except psutil.Error:
             continue
         for c in listening:
-            if c.laddr.ip not in LOOPBACK_IPS and not ("ServeReplica" in title and c.laddr.ip in ("::", "0.0.0.0")):
+            wide_replica = "ServeReplica" in title and c.laddr.ip in ("::", "0.0.0.0")
+            if c.laddr.ip not in LOOPBACK_IPS and not wide_replica:
                 wide.append((process.pid, title[:60], c.laddr))
     assert not wide, f"listening beyond loopback: {wide}"
     assert any(c.laddr.port == server.port and c.laddr.ip in LOOPBACK_IPS
-               for p in server.processes() for c in _safe_listening(p)), "the HTTP proxy is not on 127.0.0.1"
+               for p in server.processes() for c in _safe_listening(p)), \
+        "the HTTP proxy is not on 127.0.0.1"
 
 
 def _safe_listening(process):
-    import psutil
     try:
         return [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     except psutil.Error:
@@ -243,10 +251,9 @@ def test_stop_leaves_no_process(server):
     assert killed == [], f"processes had to be killed: {killed}"
 
 
-# ----------------------------------------------------------------------------- the command and the cluster
+# ---------------------------------------------------------------------- the command and the cluster
 
 def _tagged(prefix: str) -> list:
-    import psutil
     found = []
     for p in psutil.process_iter():
         try:
@@ -258,15 +265,14 @@ def _tagged(prefix: str) -> list:
 
 
 def test_command_serves_and_stops_cleanly(tiny_int8, splits):
-    import requests
-    from labkit.serving.server import free_port
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "labkit.serving", "--model", str(tiny_int8), "--port", str(port),
-                                "--max-batch-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               start_new_session=True)
+    command = [sys.executable, "-m", "labkit.serving", "--model", str(tiny_int8),
+               "--port", str(port), "--max-batch-size", "4"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True, start_new_session=True)
     try:
         ready = {}
-        for line in process.stdout:   # the first JSON line: ready or error (Ray may print lines of its own)
+        for line in process.stdout:   # the first JSON line: ready or error (Ray prints lines too)
             if line.startswith("{"):
                 ready = json.loads(line)
                 break
@@ -274,7 +280,8 @@ def test_command_serves_and_stops_cleanly(tiny_int8, splits):
             pytest.skip(f"Ray Serve did not start: {ready['message']}")
         assert ready.get("event") == "ready" and ready["url"] == f"http://127.0.0.1:{port}", ready
         x = np.asarray(splits.x_test[:2])
-        answer = requests.post(ready["url"] + "/predict", json={"images": x[..., 0].tolist()}, timeout=30)
+        answer = requests.post(ready["url"] + "/predict", json={"images": x[..., 0].tolist()},
+                               timeout=30)
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2
         assert _tagged(f"serve-{process.pid}-"), "the command's Ray processes should carry its tag"
         process.send_signal(signal.SIGTERM)
@@ -283,9 +290,11 @@ def test_command_serves_and_stops_cleanly(tiny_int8, splits):
         if process.poll() is None:
             process.kill()
             process.wait()
-    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]   # Ray prints lines of its own
+    # Ray prints lines of its own
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     stopped = events[-1] if events else {}
-    assert process.returncode == 0 and stopped == {"event": "stopped", "killed_stragglers": []}, (process.returncode, out)
+    assert process.returncode == 0, (process.returncode, out)
+    assert stopped == {"event": "stopped", "killed_stragglers": []}, out
     deadline = time.monotonic() + 20
     while _tagged(f"serve-{process.pid}-") and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -293,17 +302,18 @@ def test_command_serves_and_stops_cleanly(tiny_int8, splits):
 
 
 def test_two_node_cluster_places_work_on_both_nodes(tiny_int8, traffic):
-    from labkit.distributed.ray_serving import RayUnavailable, job_processes, single_process, job_pixels
-    from labkit.serving import study
     bodies, expected = traffic
     try:
-        demo = study.cluster_demo(tiny_int8, bodies, expected, clients=4, duration_s=1.5, images=4000)
+        demo = study.cluster_demo(tiny_int8, bodies, expected, clients=4, duration_s=1.5,
+                                  images=4000)
     except RayUnavailable as error:
         pytest.skip(f"the two-node cluster did not start: {error}")
     assert demo["nodes"] == 2
     assert demo["serve"]["ok"] == demo["serve"]["sent"] > 0
     assert len(demo["answers_per_node"]) == 2, f"answers came from {demo['answers_per_node']}"
-    assert sorted(set(demo["ray_data_actor_nodes"].values())) == ["node 0", "node 1"], demo["ray_data_actor_nodes"]
-    reference, _ = single_process(tiny_int8, job_pixels(limit=4000), batch_size=250)
+    actor_nodes = demo["ray_data_actor_nodes"]
+    assert sorted(set(actor_nodes.values())) == ["node 0", "node 1"], actor_nodes
+    reference, _ = ray_serving.single_process(tiny_int8, ray_serving.job_pixels(limit=4000),
+                                               batch_size=250)
     assert np.array_equal(demo["ray_data_predictions"], np.argmax(reference, axis=1))
     assert job_processes(demo["tag"]) == []

@@ -1,21 +1,11 @@
-"""The served application: request checking, the model replica, dynamic batching (notebook 09 reads it).
+"""The served application: request checking, the model replica, dynamic batching.
 
-One Ray Serve deployment, `Classifier`, answers three routes on 127.0.0.1:
-
-    GET  /health    200 {"status": "ok", ...} once the replica has loaded its model
-    POST /predict   {"images": [28x28 lists of pixels in [0, 1], ...]}
-                    -> {"predictions": [label, ...], "probabilities": [[10 floats], ...], ...}
-    anything else   404 (unknown path) or 405 (wrong method), as JSON
-
-Every client mistake is a 4xx with a JSON body {"error": "..."} that says what is wrong, checked
-in `parse_images` before the model sees anything, so a bad request never reaches the
-interpreter and never crashes a replica. A replica runs a .tflite in the LiteRT interpreter
-(the default, notebook 04's int8 model) or a TensorFlow SavedModel directory (notebook 09's
-high-overhead comparison). Only the SavedModel path imports TensorFlow in the replica.
-
-Batching is Ray Serve's own `serve.batch`: concurrent requests that reach one replica within
-`batch_wait_timeout_s` of each other (at most `max_batch_size` requests) share one model call.
-With batching off, each request is its own model call.
+One Ray Serve deployment, `Classifier`, answers GET /health and POST /predict
+({"images": [28x28 lists of pixels in [0, 1], ...]} -> {"predictions": [...], ...}) on 127.0.0.1;
+any other path is a 404, a wrong method a 405. Every client mistake is a 4xx with a JSON
+{"error": "..."} from `parse_images`, before the model sees anything. A replica runs a .tflite in
+LiteRT or a SavedModel (the only case that imports TensorFlow); with batching on, Serve's
+`serve.batch` lets concurrent requests share one model call.
 """
 from __future__ import annotations
 
@@ -27,18 +17,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
+from ray import serve
+from starlette.responses import JSONResponse
 
 import labkit  # noqa: F401  (legacy-Keras and log switches before anything loads TensorFlow)
-from labkit.serving import MAX_BODY_BYTES, MAX_IMAGES   # the documented limits; the package set Ray's switch
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
+from labkit import measure
+from labkit.serving import MAX_BODY_BYTES, MAX_IMAGES  # the package set Ray's 127.0.0.1 switch
 
 IMAGE_SHAPE = (28, 28)
 KEYS = ("images",)
 
 
 class ClientError(ValueError):
-    """A request the client got wrong: `status` is the 4xx to answer, the message says what is wrong."""
+    """A request the client got wrong: `status` is the 4xx to answer, the message says what."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -53,52 +45,71 @@ def _no_constants(name: str):
 
 
 def parse_images(body: bytes) -> np.ndarray:
-    """A request body -> float32 images (n, 28, 28, 1), or ClientError with the status and the reason.
+    """A request body -> float32 images (n, 28, 28, 1), or ClientError with the status and why.
 
     Checked in order: size, JSON, keys, a non-empty list of at most MAX_IMAGES images, each
     28x28 numbers (a trailing channel of 1 is accepted), none NaN or infinite, all in [0, 1].
     """
+    images = _images_field(body)
+    if not isinstance(images, list):
+        raise ClientError(422, '"images" must be a list of 28x28 images, '
+                               f"got a JSON {type(images).__name__}")
+    if not images:
+        raise ClientError(422, '"images" is an empty list; send at least one image')
+    if len(images) > MAX_IMAGES:
+        raise ClientError(413, f'"images" holds {len(images)} images; '
+                               f"the limit is {MAX_IMAGES} per request")
+    return _pixels(images)
+
+
+def _images_field(body: bytes):
+    """The "images" value of a JSON object body: size, JSON and keys checked."""
     if len(body) > MAX_BODY_BYTES:
-        raise ClientError(413, f"the body has {len(body)} bytes; the limit is {MAX_BODY_BYTES} bytes")
+        raise ClientError(413, f"the body has {len(body)} bytes; "
+                               f"the limit is {MAX_BODY_BYTES} bytes")
     if not body.strip():
         raise ClientError(400, 'the body is empty; send JSON {"images": [...]}')
     try:
         request = json.loads(body, parse_constant=_no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ClientError(400, f'the body is not JSON ({error}); send {{"images": [...]}}') from None
+        raise ClientError(400, f'the body is not JSON ({error}); send {{"images": [...]}}') \
+            from None
     if not isinstance(request, dict):
-        raise ClientError(400, f'the body is a JSON {type(request).__name__}; send an object {{"images": [...]}}')
+        raise ClientError(400, f"the body is a JSON {type(request).__name__}; "
+                               'send an object {"images": [...]}')
     unknown = [key for key in request if key not in KEYS]
     if unknown:
         hint = difflib.get_close_matches(unknown[0], KEYS, n=1)
-        raise ClientError(400, f"unknown key {unknown[0]!r}" + (f"; did you mean {hint[0]!r}?" if hint else
-                                                                f"; the only key is {KEYS[0]!r}"))
+        raise ClientError(400, f"unknown key {unknown[0]!r}"
+                          + (f"; did you mean {hint[0]!r}?" if hint
+                             else f"; the only key is {KEYS[0]!r}"))
     if "images" not in request:
         raise ClientError(400, 'the key "images" is missing')
-    images = request["images"]
-    if not isinstance(images, list):
-        raise ClientError(422, f'"images" must be a list of 28x28 images, got a JSON {type(images).__name__}')
-    if not images:
-        raise ClientError(422, '"images" is an empty list; send at least one image')
-    if len(images) > MAX_IMAGES:
-        raise ClientError(413, f'"images" holds {len(images)} images; the limit is {MAX_IMAGES} per request')
+    return request["images"]
+
+
+def _pixels(images: list) -> np.ndarray:
+    """A list of images as float32 (n, 28, 28, 1): numbers, 28x28, finite, in [0, 1]."""
     try:
         x = np.asarray(images)
     except ValueError:   # NumPy refuses ragged nesting
-        raise ClientError(422, "every image must be 28 rows of 28 pixels; the lists have uneven lengths") from None
+        raise ClientError(422, "every image must be 28 rows of 28 pixels; "
+                               "the lists have uneven lengths") from None
     if x.dtype.kind not in "iuf":   # strings, null, nested objects, or booleans only
-        raise ClientError(422, f"pixel values must be numbers in [0, 1]; found JSON values that are not "
-                               f"numbers (NumPy read them as {x.dtype})")
+        raise ClientError(422, "pixel values must be numbers in [0, 1]; found JSON values that "
+                               f"are not numbers (NumPy read them as {x.dtype})")
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
     if x.shape[1:] != IMAGE_SHAPE:
-        raise ClientError(422, f"every image must be 28x28 pixels; got images of shape {x.shape[1:]}")
+        raise ClientError(422, "every image must be 28x28 pixels; "
+                               f"got images of shape {x.shape[1:]}")
     if not np.isfinite(x).all():   # JSON numbers can overflow to infinity, e.g. 1e999
         raise ClientError(422, "pixel values must be finite numbers in [0, 1]")
     low, high = float(x.min()), float(x.max())
     if low < 0.0 or high > 1.0:
-        raise ClientError(422, f"pixel values must lie in [0, 1] (as labkit.data returns them); got values "
-                               f"from {low:g} to {high:g} (pixels in 0-255? divide by 255)")
+        raise ClientError(422, "pixel values must lie in [0, 1] (as labkit.data returns them); "
+                               f"got values from {low:g} to {high:g} "
+                               "(pixels in 0-255? divide by 255)")
     return x.astype(np.float32)[..., np.newaxis]
 
 
@@ -108,15 +119,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-# ----------------------------------------------------------------------------- the model a replica runs
+# ------------------------------------------------------------------------- the model a replica runs
 
 def load_model(path):
-    """A callable float32 images -> logits: a .tflite in LiteRT (1 thread), or a SavedModel directory."""
-    from labkit import measure
+    """A callable float32 images -> logits: a .tflite in LiteRT (1 thread), or a SavedModel."""
     path = Path(path)
     if path.is_dir():
-        import tensorflow as tf   # only a SavedModel replica pays for TensorFlow
-        try:   # one core per replica, like LiteRT's; a process whose TensorFlow already runs keeps its own
+        import tensorflow as tf  # not at the top: only a SavedModel replica pays for TensorFlow
+        # one core per replica, like LiteRT's; a process whose TensorFlow already runs keeps its own
+        try:
             tf.config.threading.set_intra_op_parallelism_threads(1)
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:
@@ -135,12 +146,11 @@ class Settings:
 
     def __post_init__(self):
         if self.max_batch_size < 1 or not 0 <= self.batch_wait_timeout_s <= 1:
-            raise ValueError(f"max_batch_size must be >= 1 and batch_wait_timeout_s in [0, 1] s, got "
-                             f"{self.max_batch_size} and {self.batch_wait_timeout_s}")
+            raise ValueError("max_batch_size must be >= 1 and batch_wait_timeout_s in [0, 1] s, "
+                             f"got {self.max_batch_size} and {self.batch_wait_timeout_s}")
 
 
 def _json(status: int, content: dict, headers: dict | None = None):
-    from starlette.responses import JSONResponse
     return JSONResponse(content, status_code=status, headers=headers)
 
 
@@ -163,9 +173,11 @@ class Classifier:
         path, method = request.url.path.rstrip("/") or "/", request.method
         routes = {"/health": "GET", "/predict": "POST"}
         if path not in routes:
-            return _json(404, {"error": f"no route {path}; the routes are GET /health and POST /predict"})
+            return _json(404, {"error": f"no route {path}; "
+                                        "the routes are GET /health and POST /predict"})
         if method != routes[path]:
-            return _json(405, {"error": f"{path} answers {routes[path]}, not {method}"}, {"Allow": routes[path]})
+            return _json(405, {"error": f"{path} answers {routes[path]}, not {method}"},
+                         {"Allow": routes[path]})
         if path == "/health":
             return _json(200, {"status": "ok", "model": self.model_name, "replica": self.replica,
                                "pid": self.pid, "node": self.node, **asdict(self.settings)})
@@ -186,7 +198,8 @@ class Classifier:
             "logits": logits.tolist(), "model": self.model_name, "replica": self.replica,
             "pid": self.pid, "node": self.node, "batch_requests": batch,
             "timing_us": {"parse": 1e6 * (parsed - arrived), "model": 1e6 * model_s,
-                          "queue": 1e6 * (done - parsed - model_s), "replica": 1e6 * (done - arrived)}})
+                          "queue": 1e6 * (done - parsed - model_s),
+                          "replica": 1e6 * (done - arrived)}})
 
     def _predict(self, xs: list) -> list:
         """One model call for a list of requests' images; each request gets its rows back."""
@@ -199,16 +212,17 @@ class Classifier:
             row += len(x)
         return out
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)   # __init__ sets the deployment's own values
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)   # __init__ sets its own values
     async def _batched(self, xs: list) -> list:
         return self._predict(xs)
 
 
 async def _read_body(request) -> bytes:
-    """The body, read no further than MAX_BODY_BYTES + 1 bytes (a bigger one is refused, not buffered)."""
+    """The body, read no further than MAX_BODY_BYTES + 1 bytes (a bigger one is refused unread)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ClientError(413, f"the body has {declared} bytes; the limit is {MAX_BODY_BYTES} bytes")
+        raise ClientError(413, f"the body has {declared} bytes; "
+                               f"the limit is {MAX_BODY_BYTES} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         chunks.append(chunk)
@@ -219,17 +233,20 @@ async def _read_body(request) -> bytes:
 
 
 def application(settings: Settings, *, replicas: int = 1, max_ongoing_requests: int = 32,
-                max_queued_requests: int = -1, max_replicas_per_node: int | None = None, num_cpus: float = 1.0):
+                max_queued_requests: int = -1, max_replicas_per_node: int | None = None,
+                num_cpus: float = 1.0):
     """The Ray Serve application for `settings`: `replicas` copies of Classifier.
 
-    max_ongoing_requests: requests one replica holds at once (with batching, at least max_batch_size,
-    or batches never fill). max_queued_requests: requests waiting for a replica beyond those;
-    -1 waits without limit, a number turns the excess away at once with 503 (admission control).
+    max_ongoing_requests: requests one replica holds at once (with batching, at least
+    max_batch_size, or batches never fill). max_queued_requests: requests waiting for a replica
+    beyond those; -1 waits without limit, a number turns the excess away at once with 503
+    (admission control).
     """
-    # A replica being replaced checks for unfinished requests every 0.2 s (Serve's default, 2 s, made
-    # every redeploy between load runs wait 3 s with nothing in flight).
+    # A replica being replaced checks for unfinished requests every 0.2 s (Serve's default, 2 s,
+    # made every redeploy between load runs wait 3 s with nothing in flight).
     options = dict(num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
-                   max_queued_requests=max_queued_requests, ray_actor_options={"num_cpus": num_cpus},
+                   max_queued_requests=max_queued_requests,
+                   ray_actor_options={"num_cpus": num_cpus},
                    health_check_period_s=1.0, graceful_shutdown_wait_loop_s=0.2)
     if max_replicas_per_node:
         options["max_replicas_per_node"] = max_replicas_per_node

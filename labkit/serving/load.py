@@ -1,23 +1,10 @@
-"""A load generator for the served model: open-loop (Poisson) and closed-loop clients (notebook 09 reads it).
+"""A load generator for the served model: open-loop (Poisson) and closed-loop clients.
 
 Open loop is how users arrive: requests come at random (a Poisson process of a given rate),
 whether or not the server keeps up, so a slow server faces a growing queue. Closed loop is a
 fixed set of N clients, each sending its next request when the last one is answered, so the
 load eases off when the server slows down (and hides the queue that open loop exposes).
-
-Every request ends with exactly one outcome, so the counts add up to the requests sent:
-
-    ok        200 and the predicted labels equal the expected ones
-    wrong     200 but a prediction differs from the expected one
-    refused   503: the server turned the request away (admission control)
-    error     any other status, or the connection failed
-    timeout   no answer within `timeout_s`
-
-Traffic goes to loopback only (127.0.0.1, ::1 or localhost), is bounded in count
-(`max_requests`) and in time (`duration_s` plus `timeout_s`), and is sent with aiohttp (installed
-with ray[serve]), whose client costs little CPU per request: on 2 cores the client shares the
-machine with the server it measures. With `retries`, a request that fails with a connection
-error or a 5xx other than 503 is sent again after a short back-off (the replica-failure run).
+Traffic goes to loopback only, bounded in count and time; every request ends with one outcome.
 """
 from __future__ import annotations
 
@@ -28,10 +15,13 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import aiohttp
 import numpy as np
 import pandas as pd
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# ok: 200 and the expected labels; wrong: 200 but a label differs; refused: 503, turned away by
+# admission control; error: any other status, or the connection failed; timeout: no answer in time
 OUTCOMES = ("ok", "wrong", "refused", "error", "timeout")
 MAX_REQUESTS = 20_000      # the most any one run may send
 MAX_DURATION_S = 120.0     # the longest any one run may offer load
@@ -42,12 +32,13 @@ def check_loopback(url: str) -> str:
     """The URL, if it points at this machine's loopback interface; ValueError otherwise."""
     host = urlsplit(url).hostname
     if host not in LOOPBACK:
-        raise ValueError(f"the load generator sends traffic to loopback only ({', '.join(LOOPBACK)}), not {host!r}")
+        raise ValueError("the load generator sends traffic to loopback only "
+                         f"({', '.join(LOOPBACK)}), not {host!r}")
     return url.rstrip("/")
 
 
 def payloads(images: np.ndarray, per_request: int = 1) -> list:
-    """Request bodies made once, before any timing: JSON {"images": [...]}, `per_request` images each."""
+    """Request bodies made once, before any timing: JSON {"images": [...]}, `per_request` each."""
     images = np.asarray(images, np.float32)
     if images.ndim == 4:
         images = images[..., 0]
@@ -57,7 +48,7 @@ def payloads(images: np.ndarray, per_request: int = 1) -> list:
 
 @dataclass
 class LoadRun:
-    """One load run: a row per request (start, latency, status, outcome, ...) and what was asked for."""
+    """One load run: a row per request (start, latency, status, outcome, ...), what was asked."""
     mode: str
     records: pd.DataFrame
     duration_s: float                  # the time load was offered
@@ -66,39 +57,45 @@ class LoadRun:
     in_flight: list = field(default_factory=list)   # sampled number of requests in the system
 
     def summary(self) -> dict:
-        """Counts by outcome, p50/p95/p99 latency of the answered requests (ms), throughput, Little's law."""
-        r = self.records
+        """Outcome counts, p50/p95/p99 of the answered requests (ms), throughput, Little's law."""
+        r, nan = self.records, float("nan")
         counts = {o: int((r["outcome"] == o).sum()) for o in OUTCOMES}
         ok = r[r["outcome"] == "ok"]
         latency_ms = 1e3 * ok["latency_s"].to_numpy()
         refused_ms = 1e3 * r.loc[r["outcome"] == "refused", "latency_s"].to_numpy()
         span_s = float((r["start_s"] + r["latency_s"]).max()) if len(r) else 0.0
         throughput = len(ok) / span_s if span_s else 0.0
-        pct = (lambda q: float(np.percentile(latency_ms, q))) if len(ok) else (lambda q: float("nan"))
+        pct = (lambda q: float(np.percentile(latency_ms, q))) if len(ok) else (lambda q: nan)
         return {"mode": self.mode, "offered_rps": self.offered_rps, "clients": self.clients,
                 "sent": len(r), **counts, "retried": int((r["attempts"] > 1).sum()),
-                "throughput_rps": throughput, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
-                "max_ms": float(latency_ms.max()) if len(ok) else float("nan"),
-                "refused_p99_ms": float(np.percentile(refused_ms, 99)) if len(refused_ms) else float("nan"),
-                "mean_batch_requests": float(ok["batch_requests"].mean()) if len(ok) else float("nan"),
+                "throughput_rps": throughput,
+                "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+                "max_ms": float(latency_ms.max()) if len(ok) else nan,
+                "refused_p99_ms": float(np.percentile(refused_ms, 99)) if len(refused_ms) else nan,
+                "mean_batch_requests": float(ok["batch_requests"].mean()) if len(ok) else nan,
                 "replicas_seen": int(ok["replica"].nunique()),
                 # Little's law, L = lambda * W: the sampled mean number in the system against the
                 # throughput of everything answered times its mean latency.
-                "in_system_sampled": float(np.mean(self.in_flight)) if self.in_flight else float("nan"),
-                "in_system_littles_law": len(r) / span_s * float(r["latency_s"].mean()) if span_s else float("nan"),
+                "in_system_sampled": float(np.mean(self.in_flight)) if self.in_flight else nan,
+                "in_system_littles_law": (len(r) / span_s * float(r["latency_s"].mean())
+                                          if span_s else nan),
                 "duration_s": self.duration_s}
 
     def check_counts(self) -> None:
-        """Every request sent ended with exactly one outcome (AssertionError saying which do not add up)."""
+        """Every request sent ended with exactly one outcome (else an AssertionError)."""
         counts = self.records["outcome"].value_counts()
         unknown = set(counts.index) - set(OUTCOMES)
         assert not unknown, f"unknown outcomes {unknown}"
-        assert int(counts.sum()) == len(self.records), f"{counts.sum()} outcomes for {len(self.records)} requests"
+        assert int(counts.sum()) == len(self.records), \
+            f"{counts.sum()} outcomes for {len(self.records)} requests"
 
 
 async def _one(session, url: str, body: bytes, expected, timeout_s: float, retries: int) -> dict:
-    """Send one request (again, up to `retries` times, after a connection error or a 5xx other than 503)."""
-    import aiohttp
+    """Send one request: its latency, status, outcome and what the replica said about it.
+
+    It is sent again, up to `retries` times after a short back-off, after a connection error
+    or a 5xx other than 503.
+    """
     start = time.perf_counter()
     deadline = start + timeout_s
     attempts, status, answer, outcome = 0, None, None, "error"
@@ -130,11 +127,10 @@ async def _one(session, url: str, body: bytes, expected, timeout_s: float, retri
             break
         await asyncio.sleep(backoff)
     latency = time.perf_counter() - start
+    answer = answer or {}
     return {"latency_s": latency, "status": status, "outcome": outcome, "attempts": attempts,
-            "batch_requests": answer.get("batch_requests") if answer else None,
-            "replica": answer.get("replica") if answer else None, "pid": answer.get("pid") if answer else None,
-            "node": answer.get("node") if answer else None,
-            "timing_us": answer.get("timing_us") if answer else None}
+            **{key: answer.get(key) for key in ("batch_requests", "replica", "pid", "node",
+                                                "timing_us")}}
 
 
 async def _sample(state: dict, samples: list, every_s: float, stop: asyncio.Event):
@@ -143,10 +139,28 @@ async def _sample(state: dict, samples: list, every_s: float, stop: asyncio.Even
         await asyncio.sleep(every_s)
 
 
-async def _run(url, bodies, expected, *, rate_rps, clients, duration_s, max_requests, timeout_s, retries,
-               seed, during):
-    import aiohttp
-    rng = np.random.default_rng(seed)
+@dataclass(frozen=True)
+class Offered:
+    """The load one run offers: Poisson arrivals at `rate_rps` (open loop) or `clients` clients.
+
+    For `duration_s`, at most `max_requests`; each request waits at most `timeout_s` and is
+    sent again up to `retries` times.
+    """
+    duration_s: float
+    max_requests: int
+    timeout_s: float = 5.0
+    retries: int = 0
+    rate_rps: float | None = None
+    clients: int | None = None
+    seed: int = 0
+
+
+async def _run(url: str, bodies: list, expected: list, offered: Offered, during=None):
+    """Offer the load: (a table with a row per request, the sampled numbers in flight).
+
+    aiohttp's client costs little CPU per request: on 2 cores the client shares the machine
+    with the server it measures. `during`, if given, is called in a thread once the load starts.
+    """
     state, records, samples, stop = {"in_flight": 0}, [], [], asyncio.Event()
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -158,32 +172,17 @@ async def _run(url, bodies, expected, *, rate_rps, clients, duration_s, max_requ
             start = time.perf_counter() - t0
             try:
                 k = i % len(bodies)
-                row = await _one(session, url, bodies[k], expected[k], timeout_s, retries)
+                row = await _one(session, url, bodies[k], expected[k], offered.timeout_s,
+                                 offered.retries)
             finally:
                 state["in_flight"] -= 1
             records.append({"request": i, "start_s": start, **row})
 
         hook = asyncio.create_task(asyncio.to_thread(during)) if during else None
-        if rate_rps is not None:   # open loop: Poisson arrivals, whatever the server does
-            tasks, next_at, i = [], 0.0, 0
-            while i < max_requests:
-                next_at += rng.exponential(1.0 / rate_rps)
-                if next_at >= duration_s:
-                    break
-                await asyncio.sleep(max(0.0, next_at - (time.perf_counter() - t0)))
-                tasks.append(asyncio.create_task(send(i)))
-                i += 1
-            await asyncio.gather(*tasks)
-        else:   # closed loop: each client sends its next request when the last is answered
-            counter = iter(range(max_requests))
-
-            async def client():
-                while time.perf_counter() - t0 < duration_s:
-                    i = next(counter, None)
-                    if i is None:
-                        return
-                    await send(i)
-            await asyncio.gather(*(client() for _ in range(clients)))
+        if offered.rate_rps is not None:
+            await _open_arrivals(send, offered, t0)
+        else:
+            await _closed_clients(send, offered, t0)
         stop.set()
         await sampler
         if hook:
@@ -192,8 +191,35 @@ async def _run(url, bodies, expected, *, rate_rps, clients, duration_s, max_requ
     return table, samples
 
 
+async def _open_arrivals(send, offered: Offered, t0: float) -> None:
+    """Open loop: Poisson arrivals, whatever the server does; waits for every answer."""
+    rng = np.random.default_rng(offered.seed)
+    tasks, next_at, i = [], 0.0, 0
+    while i < offered.max_requests:
+        next_at += rng.exponential(1.0 / offered.rate_rps)
+        if next_at >= offered.duration_s:
+            break
+        await asyncio.sleep(max(0.0, next_at - (time.perf_counter() - t0)))
+        tasks.append(asyncio.create_task(send(i)))
+        i += 1
+    await asyncio.gather(*tasks)
+
+
+async def _closed_clients(send, offered: Offered, t0: float) -> None:
+    """Closed loop: each client sends its next request when the last is answered."""
+    counter = iter(range(offered.max_requests))
+
+    async def client():
+        while time.perf_counter() - t0 < offered.duration_s:
+            i = next(counter, None)
+            if i is None:
+                return
+            await send(i)
+    await asyncio.gather(*(client() for _ in range(offered.clients)))
+
+
 def _in_own_loop(coroutine):
-    """Run a coroutine to the end in a thread of its own (a Jupyter kernel already runs an event loop)."""
+    """Run a coroutine to the end in a thread of its own (a Jupyter kernel runs an event loop)."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coroutine).result()
 
@@ -201,7 +227,8 @@ def _in_own_loop(coroutine):
 def _checked(url, bodies, expected, duration_s, timeout_s):
     url = check_loopback(url)
     if not bodies or len(bodies) != len(expected):
-        raise ValueError(f"need one expected answer per body, got {len(bodies)} bodies and {len(expected)} answers")
+        raise ValueError(f"need one expected answer per body, got {len(bodies)} bodies and "
+                         f"{len(expected)} answers")
     if not 0 < duration_s <= MAX_DURATION_S or not 0 < timeout_s <= 60:
         raise ValueError(f"duration_s must be in (0, {MAX_DURATION_S}] and timeout_s in (0, 60], "
                          f"got {duration_s} and {timeout_s}")
@@ -209,20 +236,20 @@ def _checked(url, bodies, expected, duration_s, timeout_s):
 
 
 def open_loop(url: str, bodies: list, expected: list, *, rate_rps: float, duration_s: float,
-              max_requests: int | None = None, timeout_s: float = 5.0, retries: int = 0, seed: int = 0,
-              during=None) -> LoadRun:
-    """Poisson arrivals at `rate_rps` for `duration_s` (at most `max_requests`); waits for every answer.
+              max_requests: int | None = None, timeout_s: float = 5.0, retries: int = 0,
+              seed: int = 0, during=None) -> LoadRun:
+    """Poisson arrivals at `rate_rps` for `duration_s` (at most `max_requests`), every answer.
 
     `expected[i]` is the list of labels that body i must get back. `during`, if given, is called
-    in a thread once the load starts (notebook 09 kills a replica there).
+    in a thread once the load starts (to kill a replica, say). With `retries`, a request that
+    fails with a connection error or a 5xx other than 503 is sent again after a short back-off.
     """
     predict, expected = _checked(url, bodies, expected, duration_s, timeout_s)
     if not 0 < rate_rps <= 5000:
         raise ValueError(f"rate_rps must be in (0, 5000], got {rate_rps}")
     cap = min(MAX_REQUESTS, max_requests or int(rate_rps * duration_s * 1.5) + 20)
-    table, samples = _in_own_loop(_run(predict, bodies, expected, rate_rps=rate_rps, clients=None,
-                                       duration_s=duration_s, max_requests=cap, timeout_s=timeout_s,
-                                       retries=retries, seed=seed, during=during))
+    offered = Offered(duration_s, cap, timeout_s, retries, rate_rps=rate_rps, seed=seed)
+    table, samples = _in_own_loop(_run(predict, bodies, expected, offered, during))
     return LoadRun("open", table, duration_s, offered_rps=rate_rps, in_flight=samples)
 
 
@@ -233,7 +260,7 @@ def closed_loop(url: str, bodies: list, expected: list, *, clients: int, duratio
     predict, expected = _checked(url, bodies, expected, duration_s, timeout_s)
     if not 1 <= clients <= 256:
         raise ValueError(f"clients must be in [1, 256], got {clients}")
-    table, samples = _in_own_loop(_run(predict, bodies, expected, rate_rps=None, clients=clients,
-                                       duration_s=duration_s, max_requests=min(max_requests, MAX_REQUESTS),
-                                       timeout_s=timeout_s, retries=retries, seed=0, during=during))
+    offered = Offered(duration_s, min(max_requests, MAX_REQUESTS), timeout_s, retries,
+                      clients=clients)
+    table, samples = _in_own_loop(_run(predict, bodies, expected, offered, during))
     return LoadRun("closed", table, duration_s, clients=clients, in_flight=samples)
