@@ -1,48 +1,56 @@
-"""The combined pipeline, where the techniques meet: fold, thin, prune, cluster, quantize (notebook 07).
+"""The combined pipeline, where the techniques meet: fold, thin, prune, cluster, quantize.
 
-This module only composes. Each stage calls the module that owns its technique, the same
-function the technique's own notebook taught:
-
-- fold      `folding.fold_batchnorm`: the weights we prune and cluster are then the weights the
-            .tflite file stores (the converter would otherwise rescale them per channel);
-- thin      `structured.thin(..., score="io")` (`strongest` + `shrink`): keep the strongest conv2
-            filters and dense1 units, then fine-tune;
-- prune     `pruning.prune`: magnitude pruning per layer, as the sensitivity analysis allows
-            (`pruning.sensitivity_sweep`), reaching the target at 60% of the steps;
-- cluster   `clustering.cluster` with sparsity preserved;
-- quantize  `quantization.converter`, after `quantization.qat` for "qat-int8" and "pcqat-int8"
-            (PCQAT keeps both the zeros and the clusters); or, for "int4-weights", LiteRT's own
-            quantizer on the clustered float .tflite (`litert_quant.tolerant_recipe`: int4 weights
-            for the layers whose validation accuracy tolerates it, int8 for the rest).
-
-Every stage goes through `models.cached`: its key covers the stage's own settings and the weights
-of the model it starts from, so a re-run, or the build-your-own panel of labkit.widgets, never
-trains the same thing twice, and a different input model never gets a stale artifact. What is
-left here is naming (`STAGES`, `QUANTIZATION`, `variant_names`), one comparison beside the fold stage
-(`codebooks_and_folding`: the book's order against tfmot's cluster_per_channel) and reporting
-(`weight_report`, `measure_stages`, `record`, `report_figures`). `python -m labkit.pipeline` prints the targets.
+Each stage is a function from the previous stage's `Artifact` (a Keras model and its .tflite) to
+its own, calling the module that owns the technique (folding, structured, pruning, clustering,
+quantization, litert_quant), cached by `models.cached` on its settings and its input's weights.
+The rest is naming (`STAGES`, `QUANTIZATION`, `variant_names`), the codebook-against-folding
+comparison (`codebooks_and_folding`) and reporting (`weight_report`, `measure_stages`, `record`).
 """
 from __future__ import annotations
 
+import gzip
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
-import labkit  # noqa: F401  (sets the legacy-Keras switch before TensorFlow loads)
 import numpy as np
 import pandas as pd
 
-from labkit import ARTIFACTS_DIR, machine
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
+
+labkit.import_tensorflow_quietly(start_runtime=False)  # no C++ start-up lines
+import tensorflow_model_optimization as tfmot  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+from labkit import (  # noqa: E402
+    ARTIFACTS_DIR,
+    clustering,
+    files,
+    folding,
+    litert_quant,
+    machine,
+    measure,
+    models,
+    plots,
+    pruning,
+    quantization,
+    results,
+    structured,
+    tflite,
+)
+from labkit.data import load_mnist  # noqa: E402
 
 PIPELINE_DIR = ARTIFACTS_DIR / "pipeline"
 NOTEBOOK = "07_pipeline"
-STAGES = ("fold", "thin", "prune", "cluster", "quantize")  # cache names, table rows, variant names, progress
+STAGES = ("fold", "thin", "prune", "cluster", "quantize")  # cache names, rows, variants, progress
 # The final stage's modes, in quantization's words: its PTQ modes, then "<QAT scheme>-int8"; and
 # "int4-weights", LiteRT's own quantizer (labkit.litert_quant) on the clustered float .tflite.
 QUANTIZATION = ("float32", "int8", "qat-int8", "pcqat-int8", "int4-weights")
-INT4_MAX_DROP = 0.001  # "int4-weights": a layer gets int4 if alone it costs at most this validation accuracy
-# The final stage against the baseline, minimums. Accuracy is a validation figure, as every choice of the
-# pipeline is made on validation; the test split gives the final report (notebook 07, section 8).
+INT4_MAX_DROP = 0.001  # "int4-weights": int4 for a layer that alone costs at most this val accuracy
+# The final stage against the baseline, minimums. Accuracy is a validation figure, as every choice
+# of the pipeline is made on validation; the test split gives the final report.
 TARGETS = {"val_accuracy": 0.985, "gzip_ratio": 30.0, "speedup_p50": 1.5}
 WEIGHT_LAYERS = ("conv1", "conv2", "dense1", "logits")
 PRUNE_RAMP = 0.6  # the sparsity reaches its target at 60% of the steps; the survivors then recover
@@ -64,7 +72,7 @@ class PipelineConfig:
     cluster_epochs: int = 1
     quantization: str = "pcqat-int8"
     qat_epochs: int = 1
-    finetune_subset: int | None = 27_500  # images for the prune and cluster fine-tunes (None: all 55,000)
+    finetune_subset: int | None = 27_500  # images for the prune and cluster fine-tunes (None: all)
     qat_subset: int | None = 27_500     # images for quantization-aware training (None: all)
     learning_rate: float = 5e-4
     batch_size: int = 128
@@ -72,18 +80,21 @@ class PipelineConfig:
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATION:
-            raise ValueError(f"quantization must be one of {QUANTIZATION}, got {self.quantization!r}")
+            raise ValueError(f"quantization must be one of {QUANTIZATION}, "
+                             f"got {self.quantization!r}")
         if not 1 <= self.conv2_filters <= 64 or not 1 <= self.dense_units <= 128:
-            raise ValueError("conv2_filters must be in 1..64 and dense_units in 1..128 "
-                             f"(the baseline's widths), got {self.conv2_filters} and {self.dense_units}")
+            raise ValueError("conv2_filters must be in 1..64 and dense_units in 1..128 (the "
+                             f"baseline's widths), got {self.conv2_filters} and {self.dense_units}")
         for layer, sparsity in self.sparsity:
             if layer not in WEIGHT_LAYERS or not 0.0 <= sparsity < 1.0:
-                raise ValueError(f"sparsity entries are (layer, fraction) with layer in {WEIGHT_LAYERS} "
-                                 f"and 0 <= fraction < 1, got ({layer!r}, {sparsity})")
+                raise ValueError(f"sparsity entries are (layer, fraction) with layer in "
+                                 f"{WEIGHT_LAYERS} and 0 <= fraction < 1, "
+                                 f"got ({layer!r}, {sparsity})")
         if self.clusters != 0 and not 2 <= self.clusters <= 256:
             raise ValueError(f"clusters must be 0 (no clustering) or 2..256, got {self.clusters}")
         if set(self.cluster_layers) - set(WEIGHT_LAYERS):
-            raise ValueError(f"cluster_layers must be among {WEIGHT_LAYERS}, got {self.cluster_layers}")
+            raise ValueError(f"cluster_layers must be among {WEIGHT_LAYERS}, "
+                             f"got {self.cluster_layers}")
 
     @property
     def sparsity_of(self) -> dict:
@@ -92,20 +103,24 @@ class PipelineConfig:
     def plan(self, stage: str):
         """The stage's `models.FineTune` (None: no training). Clustering fine-tunes at a third of
         the rate (the centroids only need to settle) and QAT at a fifth."""
-        from labkit.models import FineTune
-        epochs, subset, rate = {"thin": (self.thin_epochs, None, 1.0),
-                                "prune": (self.prune_epochs, self.finetune_subset, 1.0),
-                                "cluster": (self.cluster_epochs, self.finetune_subset, 1 / 3),
-                                "quantize": (self.qat_epochs if "qat" in self.quantization else 0,
-                                             self.qat_subset, 1 / 5)}.get(_check_stage(stage), (0, None, 1.0))
-        return FineTune(train_subset=subset, epochs=epochs, batch_size=self.batch_size,
-                        learning_rate=self.learning_rate * rate, seed=self.seed) if epochs else None
+        epochs, subset, rate = {
+            "thin": (self.thin_epochs, None, 1.0),
+            "prune": (self.prune_epochs, self.finetune_subset, 1.0),
+            "cluster": (self.cluster_epochs, self.finetune_subset, 1 / 3),
+            "quantize": (self.qat_epochs if "qat" in self.quantization else 0, self.qat_subset,
+                         1 / 5)}.get(_check_stage(stage), (0, None, 1.0))
+        if not epochs:
+            return None
+        return models.FineTune(train_subset=subset, epochs=epochs, batch_size=self.batch_size,
+                               learning_rate=self.learning_rate * rate, seed=self.seed)
 
     def stage_settings(self, stage: str) -> dict:
-        """The settings `stage` itself depends on (its input model's weights cover the stages before)."""
-        own = {"fold": {}, "thin": {"conv2_filters": self.conv2_filters, "dense_units": self.dense_units},
+        """The settings `stage` itself depends on (its input model's weights cover the rest)."""
+        own = {"fold": {},
+               "thin": {"conv2_filters": self.conv2_filters, "dense_units": self.dense_units},
                "prune": {"sparsity": self.sparsity_of, "ramp": PRUNE_RAMP},
-               "cluster": {"clusters": self.clusters, "layers": self.cluster_layers, "preserve_sparsity": True},
+               "cluster": {"clusters": self.clusters, "layers": self.cluster_layers,
+                           "preserve_sparsity": True},
                "quantize": {"quantization": self.quantization}}[_check_stage(stage)]
         plan = self.plan(stage)
         return {**own, "plan": asdict(plan) if plan else None}
@@ -134,109 +149,190 @@ def variant_names(config: PipelineConfig) -> dict:
     return {stage: "-".join(["pipeline", stage, *parts[:i]]) for i, stage in enumerate(STAGES)}
 
 
+# ----------------------------------------------------------------------------- the stages
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a stage hands the next: its Keras model (None after quantize), .tflite and record."""
+    model: object
+    tflite: Path | None
+    record: dict
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every stage reads besides its input: the settings, the data, the cache, the progress."""
+    config: PipelineConfig
+    splits: object
+    directory: Path
+    progress: bool = True
+    on_progress: Callable | None = None   # on_progress(stage, fraction): the build panel's bar
+
+    def callbacks(self, stage: str) -> tuple:
+        """The Keras callbacks that report `stage`'s training to `on_progress`."""
+        plan = self.config.plan(stage)
+        if self.on_progress is None or plan is None:
+            return ()
+        steps = plan.steps(len(self.splits.x_train))
+        return (models.progress_callback(stage, steps, self.on_progress),)
+
+
+def val_accuracy(model, splits) -> float:
+    """Accuracy of a Keras model on the validation split (the tuning split: never the test one)."""
+    return measure.accuracy(measure.tf_function(model), splits.x_val, splits.y_val)
+
+
+def _litert_val_accuracy(path, splits) -> float:
+    return measure.accuracy(measure.litert(path), splits.x_val, splits.y_val)
+
+
+def _keras_stage(stage: str, previous: Artifact, context: Context, build) -> Artifact:
+    """`build(model) -> (model, record)` on the previous stage's model, cached with its validation
+    accuracy by its settings and its input's weights, and its float32 .tflite (cached too)."""
+    def scored():
+        model, record = build(previous.model)
+        return model, {**record, "val_accuracy": val_accuracy(model, context.splits)}
+    model, record = models.cached(stage, context.config.stage_settings(stage), [previous.model],
+                                  scored, context.directory)
+    path, _ = models.cached(f"{stage}-float32", {}, [model], lambda: (model, {}),
+                            context.directory, kind="tflite")
+    return Artifact(model, Path(path), record)
+
+
+def fold(previous: Artifact, context: Context) -> Artifact:
+    """`folding.fold_batchnorm`: the weights we prune and cluster are then those the .tflite
+    stores (the converter would otherwise rescale them per channel)."""
+    return _keras_stage("fold", previous, context,
+                        lambda model: (folding.fold_batchnorm(model), {}))
+
+
+def thin(previous: Artifact, context: Context) -> Artifact:
+    """`structured.thin(score="io")`: keep the strongest conv2 filters and dense1 units, then
+    fine-tune."""
+    c = context.config
+    settings = structured.ThinSettings({"conv2": c.conv2_filters, "dense1": c.dense_units},
+                                       c.plan("thin"), score="io")
+    return _keras_stage("thin", previous, context, lambda model: structured.thin(
+        model, settings, context.splits, progress=context.progress,
+        callbacks=context.callbacks("thin")))
+
+
+def prune(previous: Artifact, context: Context) -> Artifact:
+    """`pruning.prune`: magnitude pruning per layer, as the sensitivity analysis allows, reaching
+    the target at PRUNE_RAMP of the steps (no sparsity: the model passes unchanged)."""
+    c = context.config
+
+    def build(model):
+        if not c.sparsity_of:
+            return model, {}
+        plan = c.plan("prune")
+        settings = pruning.PruneSettings(
+            c.sparsity_of, plan, schedule="polynomial", ramp=PRUNE_RAMP,
+            frequency=max(plan.steps(len(context.splits.x_train)) // 20, 1))
+        return pruning.prune(model, settings, context.splits, progress=context.progress,
+                             callbacks=context.callbacks("prune"))
+    return _keras_stage("prune", previous, context, build)
+
+
+def cluster(previous: Artifact, context: Context) -> Artifact:
+    """`clustering.cluster` with sparsity preserved (0 clusters: the model passes unchanged)."""
+    c = context.config
+
+    def build(model):
+        if not c.clusters:
+            return model, {}
+        settings = clustering.ClusterSettings(c.clusters, c.plan("cluster"),
+                                              layers=c.cluster_layers, init="kmeans++",
+                                              preserve_sparsity=True)
+        return clustering.cluster(model, settings, context.splits, progress=context.progress,
+                                  callbacks=context.callbacks("cluster"))
+    return _keras_stage("cluster", previous, context, build)
+
+
+def quantize(previous: Artifact, context: Context) -> Artifact:
+    """The final .tflite: `quantization.converter` (after `quantization.qat` for "qat-int8" and
+    "pcqat-int8", which keeps both the zeros and the clusters), or for "int4-weights" LiteRT's own
+    quantizer on the previous stage's float .tflite (`int4_weights`)."""
+    if context.config.quantization == "int4-weights":
+        return int4_weights(previous, context)
+    path, record = models.cached("quantize", context.config.stage_settings("quantize"),
+                                 [previous.model], lambda: _convert(previous.model, context),
+                                 context.directory, kind="tflite")
+    return Artifact(None, Path(path),
+                    {**record, "val_accuracy": _litert_val_accuracy(path, context.splits)})
+
+
+def _convert(model, context: Context):
+    """(converter, record): post-training in a quantization.MODES mode, or after QAT."""
+    c, splits = context.config, context.splits
+    if c.quantization in quantization.MODES:
+        calibration = splits.x_train[:500] if c.quantization == "int8" else None
+        return quantization.converter(model, c.quantization, calibration), {}
+    scheme = c.quantization.removesuffix("-int8")
+    qat_model, record = quantization.qat(model, splits, c.plan("quantize"), scheme=scheme,
+                                         directory=context.directory, name=f"quantize-{scheme}",
+                                         progress=context.progress,
+                                         callbacks=context.callbacks("quantize"))
+    return quantization.converter(qat_model, "int8"), record  # QAT set the ranges: no calibration
+
+
+def int4_weights(previous: Artifact, context: Context) -> Artifact:
+    """`litert_quant.tolerant_recipe` on the previous stage's float .tflite: int4 weights for the
+    layers whose validation accuracy tolerates it, int8 for the rest (the tool caches its files)."""
+    start, splits, directory = time.perf_counter(), context.splits, context.directory
+    recipe, layers = litert_quant.tolerant_recipe(previous.tflite, splits.x_val, splits.y_val,
+                                                  INT4_MAX_DROP,
+                                                  directory=directory / "int4-trials")
+    path = litert_quant.quantize(previous.tflite, recipe, name="quantize", directory=directory)
+    return Artifact(None, Path(path), {
+        "recipe": recipe.name, "int4_layers": layers.reset_index().to_dict("records"),
+        "val_accuracy": _litert_val_accuracy(path, splits), "cached": False,
+        "build_seconds": time.perf_counter() - start})
+
+
+STEPS = dict(zip(STAGES, (fold, thin, prune, cluster, quantize)))   # stage -> its function
+
+
 # ----------------------------------------------------------------------------- the whole pipeline
 
 @dataclass
 class PipelineRun:
-    """The stage artifacts of one configuration: Keras models, a .tflite per stage, tuning figures."""
+    """The stage artifacts of one configuration: Keras models, a .tflite per stage, figures."""
     config: PipelineConfig
     models: dict = field(default_factory=dict)        # stage -> Keras model (fold .. cluster)
-    tflite: dict = field(default_factory=dict)        # stage -> .tflite path (float32 but the last)
+    tflite: dict = field(default_factory=dict)        # stage -> .tflite (float32 but the last)
     val_accuracy: dict = field(default_factory=dict)  # stage -> validation accuracy
     seconds: dict = field(default_factory=dict)       # stage -> build seconds (0 when cached)
     records: dict = field(default_factory=dict)       # stage -> the cache record
 
+    def add(self, stage: str, artifact: Artifact) -> None:
+        if artifact.model is not None:
+            self.models[stage] = artifact.model
+        self.tflite[stage], self.records[stage] = Path(artifact.tflite), artifact.record
+        self.val_accuracy[stage] = artifact.record["val_accuracy"]
+        cached = artifact.record.get("cached")
+        self.seconds[stage] = 0.0 if cached else artifact.record["build_seconds"]
 
-def val_accuracy(model, splits) -> float:
-    """Accuracy of a Keras model on the validation split (the tuning split: never the test split)."""
-    from labkit import measure
-    return measure.accuracy(measure.tf_function(model), splits.x_val, splits.y_val)
 
-
-def run_pipeline(config: PipelineConfig = PipelineConfig(), splits=None, *, directory: Path = PIPELINE_DIR,
-                 baseline=None, progress: bool = True, on_progress=None, until: str = "quantize") -> PipelineRun:
-    """Every stage from the baseline to the final .tflite, each taken from the cache when it is there.
+def run_pipeline(config: PipelineConfig = PipelineConfig(), splits=None, *,
+                 directory: Path = PIPELINE_DIR, baseline=None, progress: bool = True,
+                 on_progress=None, until: str = "quantize") -> PipelineRun:
+    """Every stage from the baseline to the final .tflite, each from the cache when it is there.
 
     `on_progress(stage, fraction)` is called during training (the build panel's progress bar);
-    `until` stops after that stage (notebook 07 stops after "thin" for its sensitivity analysis).
+    `until` stops after that stage (the sensitivity analysis stops after "thin").
     """
-    from labkit import clustering, folding, measure, models, pruning, quantization, structured
-    _check_stage(until)
-    if splits is None:
-        from labkit.data import load_mnist
-    splits = load_mnist()
+    stages = STAGES[:STAGES.index(_check_stage(until)) + 1]
+    splits = load_mnist() if splits is None else splits
     if baseline is None:
         baseline, _ = models.load_or_train_baseline(splits=splits)
-    directory, run, c = Path(directory), PipelineRun(config), config
-    report = on_progress or (lambda stage, fraction: None)
-
-    def callbacks(stage):
-        plan = c.plan(stage)
-        if on_progress is None or plan is None:
-            return ()
-        return (models.progress_callback(stage, plan.steps(len(splits.x_train)), on_progress),)
-
-    def scored(model, record=None):
-        return model, {**(record or {}), "val_accuracy": val_accuracy(model, splits)}
-
-    def fold(model):
-        return scored(folding.fold_batchnorm(model))
-
-    def thin(folded):  # structured.strongest(score="io") + structured.shrink, then the fine-tune
-        return scored(*structured.thin(folded, {"conv2": c.conv2_filters, "dense1": c.dense_units}, splits,
-                                       c.plan("thin"), score="io", progress=progress, callbacks=callbacks("thin")))
-
-    def prune(thinned):
-        if not c.sparsity_of:
-            return scored(thinned)
-        plan = c.plan("prune")
-        return scored(*pruning.prune(
-            thinned, c.sparsity_of, splits, plan, schedule="polynomial", ramp=PRUNE_RAMP,
-            frequency=max(plan.steps(len(splits.x_train)) // 20, 1), progress=progress,
-            callbacks=callbacks("prune")))
-
-    def cluster(pruned):
-        if not c.clusters:
-            return scored(pruned)
-        return scored(*clustering.cluster(
-            pruned, c.clusters, splits, c.plan("cluster"), layers=c.cluster_layers, init="kmeans++",
-            preserve_sparsity=True, progress=progress, callbacks=callbacks("cluster")))
-
-    def quantize(clustered):
-        if c.quantization in quantization.MODES:
-            calibration = splits.x_train[:500] if c.quantization == "int8" else None
-            return quantization.converter(clustered, c.quantization, calibration), {}
-        scheme = c.quantization.removesuffix("-int8")
-        qat_model, record = quantization.qat(clustered, splits, c.plan("quantize"), scheme=scheme,
-                                             directory=directory, name=f"quantize-{scheme}",
-                                             progress=progress, callbacks=callbacks("quantize"))
-        return quantization.converter(qat_model, "int8"), record  # QAT learnt the ranges: no calibration
-
-    model = baseline  # each stage's cache key: its settings and the weights of the model it starts from
-    for stage, build in zip(STAGES, (fold, thin, prune, cluster, quantize)):
-        if stage == "quantize" and c.quantization == "int4-weights":   # the tool works on the .tflite itself
-            from labkit import litert_quant
-            start, float_path = time.perf_counter(), run.tflite["cluster"]
-            recipe, layers = litert_quant.tolerant_recipe(float_path, splits.x_val, splits.y_val, INT4_MAX_DROP,
-                                                          directory=directory / "int4-trials")
-            path = litert_quant.quantize(float_path, recipe, name=stage, directory=directory)
-            record = {"recipe": recipe.name, "int4_layers": layers.reset_index().to_dict("records"),
-                      "val_accuracy": measure.accuracy(measure.litert(path), splits.x_val, splits.y_val),
-                      "cached": False, "build_seconds": time.perf_counter() - start}
-        elif stage == "quantize":
-            path, record = models.cached(stage, c.stage_settings(stage), [model], lambda: build(model),
-                                         directory, kind="tflite")
-            record["val_accuracy"] = measure.accuracy(measure.litert(path), splits.x_val, splits.y_val)
-        else:
-            model, record = models.cached(stage, c.stage_settings(stage), [model], lambda: build(model), directory)
-            path, _ = models.cached(f"{stage}-float32", {}, [model], lambda: (model, {}), directory, kind="tflite")
-            run.models[stage] = model
-        run.tflite[stage], run.records[stage] = Path(path), record
-        run.val_accuracy[stage] = record["val_accuracy"]
-        run.seconds[stage] = 0.0 if record.get("cached") else record["build_seconds"]
-        report(stage, 1.0)
-        if stage == until:
-            break
+    context = Context(config, splits, Path(directory), progress, on_progress)
+    run, artifact = PipelineRun(config), Artifact(baseline, None, {})
+    for stage in stages:
+        artifact = STEPS[stage](artifact, context)
+        run.add(stage, artifact)
+        if on_progress is not None:
+            on_progress(stage, 1.0)
     return run
 
 
@@ -246,21 +342,17 @@ def sparse_storage_files(run: PipelineRun, calibration, directory: Path = PIPELI
     EXPERIMENTAL_SPARSITY stores a pruned tensor as its non-zero values plus index arrays; the
     kernels that read it are LiteRT's built-in ones (XNNPACK, the default, refuses such tensors).
     """
-    from labkit import quantization
-    return {storage: quantization.export(run.models["cluster"], "int8", calibration, name=f"quantize-{storage}",
-                                         directory=directory, sparse=storage == "sparse")
+    return {storage: quantization.export(run.models["cluster"], "int8", calibration,
+                                         name=f"quantize-{storage}", directory=directory,
+                                         sparse=storage == "sparse")
             for storage in ("dense", "sparse")}
 
 
-# ----------------------------------------------------------------------------- codebooks and batch-norm folding
+# ------------------------------------------------------------------------- codebooks and folding
 
 def _one_shot_cluster(model, layer: str, k: int, per_channel: bool):
     """`layer` of a copy of `model` clustered once by tfmot (k-means++ start, no fine-tune), and
-    whether tfmot wrapped the layer at all (it skips, with a warning only, what it finds too small)."""
-    import warnings
-    import tensorflow_model_optimization as tfmot
-    import tf_keras as keras
-    from labkit import clustering, models
+    whether tfmot wrapped the layer at all (it skips, with a warning only, what it finds small)."""
     base = models.clone_with_weights(model)
 
     def wrap(found):
@@ -272,17 +364,16 @@ def _one_shot_cluster(model, layer: str, k: int, per_channel: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the skip is reported in the table, not as a warning
         wrapped = keras.models.clone_model(base, clone_function=wrap)
-    clustered = any(type(found).__name__ == "ClusterWeights" for found in wrapped.layers)   # tfmot's wrapper
+    clustered = any(type(found).__name__ == "ClusterWeights" for found in wrapped.layers)  # tfmot's
     return clustering.strip(wrapped), clustered
 
 
 def _with_zero_bias(model, layer: str):
-    """A copy of `model` whose `layer` (a Conv2D without bias) gets a bias of zeros: the same function."""
-    import tf_keras as keras
-
+    """A copy of `model` whose `layer` (a Conv2D without bias) gets a zero bias: same function."""
     def clone(found):
         config = found.get_config()
-        return found.__class__.from_config({**config, "use_bias": True} if found.name == layer else config)
+        return found.__class__.from_config({**config, "use_bias": True} if found.name == layer
+                                           else config)
     copy = keras.models.clone_model(model, clone_function=clone)
     for old, new in zip(model.layers, copy.layers):
         weights = old.get_weights()
@@ -292,48 +383,53 @@ def _with_zero_bias(model, layer: str):
     return copy
 
 
+def _kernel_row(name: str, kernel, reference, k: int, per_channel: bool, wrapped: bool) -> dict:
+    """What one recipe did to the folded kernel: distinct values, codebook floats, error, gzip."""
+    columns = kernel.reshape(-1, kernel.shape[-1])
+    return {"recipe": name, "clustered": wrapped,
+            "values_per_channel_max": max(len(np.unique(columns[:, j]))
+                                          for j in range(columns.shape[1])),
+            "values_in_layer": len(np.unique(kernel)),
+            "codebook_floats": (k * kernel.shape[-1] if per_channel else k) if wrapped else 0,
+            "relative_error": float(np.linalg.norm(kernel - reference)
+                                    / np.linalg.norm(reference)),
+            "kernel_gzip_bytes": len(gzip.compress(kernel.astype(np.float32).tobytes(), 9))}
+
+
 def codebooks_and_folding(baseline, splits, k: int = 16, layer: str = "conv2") -> pd.DataFrame:
-    """Batch-norm folding against a conv layer's codebook (notebook 07, section 1).
+    """Batch-norm folding against a conv layer's codebook.
 
     `layer` is clustered to k values in one shot, per layer (the book) or per output channel
     (tfmot's own remedy, `cluster_per_channel=True`), before or after `folding.fold_batchnorm`, and
     each result is read on the folded kernel: distinct values per channel and in the layer, the
-    codebook's floats, the relative error against the folded baseline's kernel, the gzip size of the
-    float32 kernel and the model's validation accuracy (no fine-tuning, so the errors show raw).
+    codebook's floats, the relative error against the folded baseline's kernel, the gzip size of
+    the float32 kernel and the model's validation accuracy (no fine-tuning: the errors show raw).
     tfmot counts a Conv2D's channels by its last trainable weight, the bias: a conv without a bias
     (every conv a batch norm follows) looks like one weight per channel, so tfmot skips it with a
     warning only. The `clustered` column says so; one row gives the conv a bias of zeros first.
     """
-    import gzip
-    from labkit import folding, measure, models
     folded = folding.fold_batchnorm(baseline)
     reference = models.kernel(folded, layer)
     recipes = (("cluster per layer, then fold", baseline, False, True),
                ("fold, then cluster per layer (the book)", folded, False, False),
                ("cluster per channel, then fold", baseline, True, True),
-               ("zero bias, cluster per channel, then fold", _with_zero_bias(baseline, layer), True, True),
+               ("zero bias, cluster per channel, then fold", _with_zero_bias(baseline, layer), True,
+                True),
                ("fold, then cluster per channel", folded, True, False))
     rows = []
     for name, model, per_channel, fold_after in recipes:
         clustered, wrapped = _one_shot_cluster(model, layer, k, per_channel)
         if fold_after:
             clustered = folding.fold_batchnorm(clustered)
-        kernel = models.kernel(clustered, layer)
-        columns = kernel.reshape(-1, kernel.shape[-1])
-        rows.append({"recipe": name, "clustered": wrapped,
-                     "values_per_channel_max": max(len(np.unique(columns[:, j])) for j in range(columns.shape[1])),
-                     "values_in_layer": len(np.unique(kernel)),
-                     "codebook_floats": (k * kernel.shape[-1] if per_channel else k) if wrapped else 0,
-                     "relative_error": float(np.linalg.norm(kernel - reference) / np.linalg.norm(reference)),
-                     "kernel_gzip_bytes": len(gzip.compress(kernel.astype(np.float32).tobytes(), 9)),
-                     "val_accuracy": measure.accuracy(measure.tf_function(clustered), splits.x_val, splits.y_val)})
+        row = _kernel_row(name, models.kernel(clustered, layer), reference, k, per_channel, wrapped)
+        rows.append({**row, "val_accuracy": val_accuracy(clustered, splits)})
     return pd.DataFrame(rows).set_index("recipe")
 
 
 # ----------------------------------------------------------------------------- reporting
 
 def weight_report(path, clusters: int, expected_sparsity: dict | None = None) -> pd.DataFrame:
-    """Per layer of a .tflite: dtype, sparsity, scales stored, unique values per layer and per output channel.
+    """Per layer of a .tflite: dtype, sparsity, scales, unique values per layer and per channel.
 
     How many scales a kernel gets depends on who quantized it. tfmot's QAT schemes (qat, pcqat)
     quantize a Conv2D kernel per output channel and a Dense kernel per tensor, so a clustered Dense
@@ -342,16 +438,16 @@ def weight_report(path, clusters: int, expected_sparsity: dict | None = None) ->
     different int8 value in each channel: there, at most k values per channel is the claim.
     """
     rows = []
-    from labkit import tflite
     for layer, w in tflite.weights(path, WEIGHT_LAYERS).items():
         values = w["values"].reshape(w["values"].shape[0], -1)
-        rows.append({"layer": layer, "op": w["op"], "dtype": str(np.dtype(w["dtype"])), "weights": values.size,
-                     "channels": values.shape[0],
+        rows.append({"layer": layer, "op": w["op"], "dtype": str(np.dtype(w["dtype"])),
+                     "weights": values.size, "channels": values.shape[0],
                      "sparsity": 1.0 - np.count_nonzero(values) / values.size,
                      "expected_sparsity": (expected_sparsity or {}).get(layer, 0.0),
                      "scales": len(np.atleast_1d(w["scales"])),
                      "unique_nonzero_layer": len(np.unique(values[values != 0])),
-                     "unique_nonzero_max_per_channel": max(len(np.unique(row[row != 0])) for row in values),
+                     "unique_nonzero_max_per_channel": max(len(np.unique(row[row != 0]))
+                                                           for row in values),
                      "clusters": clusters})
     return pd.DataFrame(rows).set_index("layer")
 
@@ -359,44 +455,39 @@ def weight_report(path, clusters: int, expected_sparsity: dict | None = None) ->
 def measure_stages(run: PipelineRun, splits, baseline_tflite=None, *, repeats: int = 300,
                    extra: dict | None = None):
     """LiteRT test and validation accuracy, size, gzip size and interleaved batch-1 latency of the
-    baseline and every stage (`measure.side_by_side`), with gzip_ratio and speedup_p50 against the baseline.
+    baseline and every stage (`measure.side_by_side`), with gzip_ratio and speedup_p50.
 
     Returns (table, latency); the rows are "baseline" and the stages; `extra` adds more
     {label: .tflite path} to the same timing loop. `accuracy` is the test split's (the results
     store's column), `val_accuracy` the validation split's (the one the targets read).
     """
-    from labkit import measure, models
-    paths = {"baseline": Path(baseline_tflite or models.baseline_tflite()), **run.tflite, **(extra or {})}
+    paths = {"baseline": Path(baseline_tflite or models.baseline_tflite()), **run.tflite,
+             **(extra or {})}
     table, latency = measure.side_by_side(paths, splits.x_test, splits.y_test,
                                           latency_images=splits.x_val[:200], reference="baseline",
                                           repeats=repeats)
-    table.insert(1, "val_accuracy", [measure.accuracy(measure.litert(path), splits.x_val, splits.y_val)
-                                     for path in paths.values()])
+    table.insert(1, "val_accuracy", [_litert_val_accuracy(path, splits) for path in paths.values()])
     return table.rename_axis("stage"), latency
 
 
 def targets_met(table: pd.DataFrame, final: str = "quantize") -> pd.DataFrame:
     """The three targets for the final stage (`measure.verdicts`): figure, measured, target, met."""
-    from labkit import measure
     return measure.verdicts({name: float(table.loc[final, name]) for name in TARGETS}, TARGETS)
 
 
 STAGES_CSV = PIPELINE_DIR / "stages.csv"  # the last measured stage table, for the book report
 
 
-def record(table: pd.DataFrame, latency, names: dict, stages_csv: Path = STAGES_CSV, results_path=None) -> pd.DataFrame:
+def record(table: pd.DataFrame, latency, names: dict, stages_csv: Path = STAGES_CSV,
+           results_path=None) -> pd.DataFrame:
     """Store the rows of `table` whose label is in `names` ({label: variant name}).
 
     The whole stage table, timed interleaved in one loop, is also kept in `stages_csv` so that
     the book report compares the final model with the baseline from the same timing loop.
     """
-    from labkit import measure, results
-    kept = table.drop(columns=["artifact"]).assign(variant=pd.Series(names), machine=machine.machine_string())
-    stages_csv = Path(stages_csv)
-    stages_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stages_csv.with_name(stages_csv.name + ".tmp")   # read back by the report: written whole or not at all
-    kept.rename_axis("stage").to_csv(tmp)
-    tmp.replace(stages_csv)
+    kept = table.drop(columns=["artifact"]).assign(variant=pd.Series(names),
+                                                   machine=machine.machine_string())
+    files.write_atomic(stages_csv, lambda tmp: kept.rename_axis("stage").to_csv(tmp))
     return results.record_table(table, latency, "pipeline", NOTEBOOK, names, results_path)
 
 
@@ -404,11 +495,10 @@ def report_figures(table: pd.DataFrame | None = None, stages_csv: Path = STAGES_
     """For the book report: (Pareto figure, targets table, stage table), or None for a missing part.
 
     The figure (`plots.pareto_plot`) plots the whole results store, zoomed to accuracies of 98%
-    and up. The two tables come from the stage table notebook 07 last measured (all stages timed
-    in one interleaved loop): `targets` has one row per target (figure, measured, target, met),
+    and up. The two tables come from the stage table `record` last stored (all stages timed in
+    one interleaved loop): `targets` has one row per target (figure, measured, target, met),
     `stages` one row per stage.
     """
-    from labkit import plots, results
     table = results.load() if table is None else table
     figure = plots.pareto_plot(table, ylim=(0.98, None)) if len(table) else None
     if not Path(stages_csv).is_file():
@@ -420,56 +510,38 @@ def report_figures(table: pd.DataFrame | None = None, stages_csv: Path = STAGES_
     return figure, targets, stages
 
 
-# ----------------------------------------------------------------------------- build your own (widgets)
+# ----------------------------------------------------------------------------- build your own
 
-CUSTOM_SUBSET = 10_000  # images per fine-tune of a build-your-own variant: under a minute on 2 cores
+CUSTOM_SUBSET = 10_000  # images per fine-tune of a build-your-own variant: a minute on 2 cores
 
 
-def custom_config(sparsity: float, clusters: int, quantization: str, base: PipelineConfig = PipelineConfig()):
+def custom_config(sparsity: float, clusters: int, quantization: str,
+                  base: PipelineConfig = PipelineConfig()):
     """The build panel's recipe: the thinned model of `base`, then one uniform sparsity for conv2
-    and dense1, `clusters` (0: none) and a quantization mode, each fine-tune one epoch on a subset."""
+    and dense1, `clusters` (0: none) and a quantization mode; each fine-tune one epoch, a subset."""
     sparsity = round(float(sparsity), 2)
     if not 0.0 <= sparsity <= 0.97:
         raise ValueError(f"sparsity must be between 0 and 0.97, got {sparsity}")
-    return replace(base, sparsity=(("conv2", sparsity), ("dense1", sparsity)), clusters=int(clusters),
-                   quantization=quantization, prune_epochs=1, cluster_epochs=1, qat_epochs=1,
-                   finetune_subset=CUSTOM_SUBSET, qat_subset=CUSTOM_SUBSET)
+    return replace(base, sparsity=(("conv2", sparsity), ("dense1", sparsity)),
+                   clusters=int(clusters), quantization=quantization, prune_epochs=1,
+                   cluster_epochs=1, qat_epochs=1, finetune_subset=CUSTOM_SUBSET,
+                   qat_subset=CUSTOM_SUBSET)
 
 
-def build_and_measure(config: PipelineConfig, splits=None, *, on_progress=None, directory: Path = PIPELINE_DIR,
-                      baseline=None, baseline_tflite=None, repeats: int = 200) -> dict:
+def build_and_measure(config: PipelineConfig, splits=None, *, on_progress=None,
+                      directory: Path = PIPELINE_DIR, baseline=None, baseline_tflite=None,
+                      repeats: int = 200) -> dict:
     """Build one configuration (stages from the cache where possible) and measure its final .tflite,
     timed interleaved with the baseline float32 .tflite; returns the results-store row."""
-    from labkit import measure, models, results
-    if splits is None:
-        from labkit.data import load_mnist
-    splits = load_mnist()
+    splits = load_mnist() if splits is None else splits
     run = run_pipeline(config, splits, directory=directory, baseline=baseline, progress=False,
                        on_progress=on_progress)
     variant = f"pipeline-custom-{config.name()}"
-    paths = {variant: run.tflite["quantize"], "baseline": Path(baseline_tflite or models.baseline_tflite())}
-    table, latency = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_val[:100],
-                                          repeats=repeats, warmup=10)
+    paths = {variant: run.tflite["quantize"],
+             "baseline": Path(baseline_tflite or models.baseline_tflite())}
+    table, latency = measure.side_by_side(paths, splits.x_test, splits.y_test,
+                                          latency_images=splits.x_val[:100], repeats=repeats,
+                                          warmup=10)
     return results.make_row(variant, "pipeline", NOTEBOOK, latency=latency, runner_name=variant,
-                            accuracy=float(table.loc[variant, "accuracy"]), artifact=run.tflite["quantize"])
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def benchmark(config: PipelineConfig = PipelineConfig(), repeats: int = 500) -> pd.DataFrame:
-    """Build (or load) the pipeline and print the three target figures, measured in one run."""
-    from labkit.data import load_mnist
-    splits = load_mnist()
-    run = run_pipeline(config, splits)
-    table, _ = measure_stages(run, splits, repeats=repeats)
-    print(f"machine: {machine.machine_string()}")
-    print(table.drop(columns=["artifact"]).round(4).to_string())
-    for _, row in targets_met(table).iterrows():
-        print(f"{row['figure']:>12}: measured {row['measured']:.4f}, target {row['target']}, "
-              f"{'met' if row['met'] else 'MISSED'}")
-    return table
-
-
-if __name__ == "__main__":
-    labkit.setup(seed=0)
-    benchmark()
+                            accuracy=float(table.loc[variant, "accuracy"]),
+                            artifact=run.tflite["quantize"])

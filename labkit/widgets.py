@@ -1,15 +1,11 @@
-"""The trade-off explorer and the build-your-own panel (notebook 07), in ipywidgets 8.
+"""The trade-off explorer and the build-your-own panel, in ipywidgets 8: the widgets only.
 
-Owns the widgets only: the frontier is `results.pareto_front`, the plot `plots.pareto_plot`, a
-build `pipeline.build_and_measure`; stage names and quantization modes are the pipeline's
-(`pipeline.STAGES`, `pipeline.QUANTIZATION`). `Explorer` plots the results store with its Pareto
-frontier: choose the axes, filter by technique, pick a variant to read its row. `BuildPanel`
-builds a pipeline variant from three settings, shows a progress bar (one step per pipeline
-stage), measures it, stores it and adds it to the explorer's plot. A setting it has built before
-is never built again.
-
-Both keep their state in plain attributes (`figure`, `visible()`, `cache`, `builds`), so tests
-drive them by setting widget values and clicking, without a browser.
+`Explorer` plots the results store with its Pareto frontier (`results.pareto_front`,
+`plots.pareto_plot`): choose the axes, filter by technique, read a variant's row. `BuildPanel`
+builds a pipeline variant from three settings (`pipeline.build_and_measure`), with a progress bar
+per stage, stores it and adds it to the plot; a setting built before is never built again. Both
+keep their state in plain attributes (`figure`, `visible()`, `cache`, `builds`), so tests drive
+them by setting widget values and clicking, without a browser.
 """
 from __future__ import annotations
 
@@ -20,20 +16,21 @@ from typing import Callable
 import ipywidgets as w
 import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.display import display
 
-from labkit import results
+from labkit import pipeline, results
 from labkit.pipeline import QUANTIZATION, STAGES
 from labkit.plots import pareto_plot
 from labkit.results import OBJECTIVES, pareto_front
 
-AXES = ("accuracy", "latency_p50_us", "latency_p95_us", "throughput_ips", "size_bytes", "gzip_bytes")
+AXES = ("accuracy", "latency_p50_us", "latency_p95_us", "throughput_ips", "size_bytes",
+        "gzip_bytes")
 SIZES = ("gzip_bytes", "size_bytes")
 CLUSTER_CHOICES = (("no clustering", 0), ("4", 4), ("8", 8), ("16", 16), ("32", 32))
 
 
 def _figure_in(output: w.Output, figure) -> None:
     """Show a Matplotlib figure inside an Output widget (nothing is shown outside a kernel)."""
-    from IPython.display import display
     output.clear_output(wait=True)
     with output:
         display(figure)
@@ -41,7 +38,7 @@ def _figure_in(output: w.Output, figure) -> None:
 
 
 class Explorer:
-    """Pick axes and techniques, see every variant and the Pareto frontier, read one variant's row."""
+    """Pick axes and techniques, see every variant and the Pareto frontier, read a variant's row."""
 
     def __init__(self, table: pd.DataFrame | None = None, path: Path | None = None):
         self.path = results.store_path(path)
@@ -66,7 +63,7 @@ class Explorer:
         self._redraw()
 
     def _set_technique_options(self):
-        """Offer every technique in the store; keep the user's choice, and select techniques new to it."""
+        """Offer the store's techniques; keep the user's choice, and select those new to it."""
         present = sorted(set(self.table["technique"].dropna()))
         chosen = [t for t in present if t in self.techniques.value or t not in self._known]
         self._known = set(present)
@@ -78,7 +75,7 @@ class Explorer:
             self._updating = False
 
     def visible(self) -> pd.DataFrame:
-        """The rows shown: the chosen techniques, with both axes measured; `pareto` over all rows."""
+        """The rows shown: the chosen techniques, both axes measured; `pareto` over all rows."""
         table = self.table.copy()
         table["pareto"] = pareto_front(table) if len(table) else pd.Series(dtype=bool)
         table = table[table["technique"].isin(self.techniques.value)]
@@ -112,15 +109,15 @@ class Explorer:
         shown = {k: v for k, v in row.items() if k != "pareto" and not pd.isna(v) and v != ""}
         cells = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
                         f"<td>{html.escape(_fmt(v))}</td></tr>" for k, v in shown.items())
-        on_front = "yes" if row["pareto"] else ("no (another variant is at least as good on all three "
-                                                "and strictly better on one)")
+        on_front = "yes" if row["pareto"] else ("no (another variant is at least as good on all "
+                                                "three and strictly better on one)")
         objectives = ", ".join(f"{c} ({s})" for c, s in OBJECTIVES)
         run = f"notebook {row.get('notebook', '?')}, {row.get('measured_at', '?')}"
-        self.details.value = (f"<b>{html.escape(name)}</b><br>on the Pareto frontier of {objectives}: "
-                              f"{on_front}<br><i>as stored: test accuracy; latency from the timing run of "
-                              f"{html.escape(run)}, so compare latencies across notebooks with care "
-                              "(notebook 07, section 10, re-times every file in one run)</i>"
-                              f"<table>{cells}</table>")
+        self.details.value = (f"<b>{html.escape(name)}</b><br>on the Pareto frontier of "
+                              f"{objectives}: {on_front}<br><i>as stored: test accuracy; latency "
+                              f"from the timing run of {html.escape(run)}, so compare latencies "
+                              "across notebooks with care (pipeline.measure_stages re-times every "
+                              f"file in one run)</i><table>{cells}</table>")
 
     def reload(self, select: str | None = None):
         """Re-read the results store (after a build) and redraw, optionally selecting a variant."""
@@ -137,7 +134,6 @@ class Explorer:
             self.variant.value = select
 
     def _ipython_display_(self):
-        from IPython.display import display
         display(self.widget)
 
 
@@ -147,35 +143,37 @@ def _fmt(value) -> str:
     return str(value)
 
 
-Builder = Callable[..., dict]  # builder(sparsity, clusters, quantization, on_progress) -> results row
+# builder(sparsity, clusters, quantization, on_progress) -> results row
+Builder = Callable[..., dict]
 
 
 def pipeline_builder(sparsity: float, clusters: int, quantization: str, on_progress=None) -> dict:
-    """The real builder: labkit.pipeline's recipe with these settings, built, measured, as a store row."""
-    from labkit import pipeline
+    """The real builder: the pipeline's recipe with these settings, built, measured, as a row."""
     return pipeline.build_and_measure(pipeline.custom_config(sparsity, clusters, quantization),
                                       on_progress=on_progress)
 
 
 class BuildPanel:
-    """Three settings, one button: build the variant (progress bar), measure it, add it to the plot."""
+    """Three settings, one button: build the variant, measure it, add it to the plot."""
 
     def __init__(self, explorer: Explorer | None = None, builder: Builder = pipeline_builder,
                  path: Path | None = None):
         self.explorer, self.builder, self.path = explorer, builder, results.store_path(path)
         self.cache: dict = {}     # settings -> results row
         self.builds: list = []    # settings actually built, in order
-        self.sparsity = w.FloatSlider(value=0.8, min=0.0, max=0.95, step=0.05, description="sparsity",
-                                      readout_format=".2f")
+        self.sparsity = w.FloatSlider(value=0.8, min=0.0, max=0.95, step=0.05,
+                                      description="sparsity", readout_format=".2f")
         self.clusters = w.Dropdown(options=CLUSTER_CHOICES, value=16, description="clusters")
-        self.quantization = w.Dropdown(options=QUANTIZATION, value="pcqat-int8", description="quantization")
+        self.quantization = w.Dropdown(options=QUANTIZATION, value="pcqat-int8",
+                                       description="quantization")
         self.button = w.Button(description="Build and measure", button_style="primary", icon="cogs")
         self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="idle")
         self.status = w.HTML("<i>choose settings, then build</i>")
         self.button.on_click(self.build)
-        help_text = w.HTML("<b>Build your own</b>: one sparsity for conv2 and dense1 of the thinned model, "
-                           "a cluster count and a quantization mode; each fine-tune is one epoch on "
-                           "10,000 images. Settings built before are taken from the cache.")
+        help_text = w.HTML("<b>Build your own</b>: one sparsity for conv2 and dense1 of the "
+                           "thinned model, a cluster count and a quantization mode; each fine-tune "
+                           "is one epoch on 10,000 images. Settings built before are taken from "
+                           "the cache.")
         self.widget = w.VBox([help_text, w.HBox([self.sparsity, self.clusters, self.quantization]),
                               w.HBox([self.button, self.bar]), self.status],
                              layout=w.Layout(border="1px solid #ccc", padding="6px"))
@@ -183,7 +181,8 @@ class BuildPanel:
 
     def settings(self) -> tuple:
         """(sparsity rounded to 0.01, clusters, quantization): the cache key."""
-        return round(float(self.sparsity.value), 2), int(self.clusters.value), str(self.quantization.value)
+        return (round(float(self.sparsity.value), 2), int(self.clusters.value),
+                str(self.quantization.value))
 
     def _progress(self, stage: str, fraction: float):
         index = STAGES.index(stage) if stage in STAGES else len(STAGES) - 1
@@ -194,7 +193,8 @@ class BuildPanel:
         """Build and measure the current settings once; return their store row (None on failure)."""
         key = self.settings()
         if key in self.cache:
-            self.status.value = f"already built: <b>{html.escape(self.cache[key]['variant'])}</b> (from the cache)"
+            self.status.value = (f"already built: <b>{html.escape(self.cache[key]['variant'])}</b> "
+                                 "(from the cache)")
             if self.explorer is not None:
                 self.explorer.reload(select=self.cache[key]["variant"])
             return self.cache[key]
@@ -205,7 +205,8 @@ class BuildPanel:
             row = self.builder(*key, on_progress=self._progress)
         except Exception as error:  # shown in the panel: a click must not lose the message
             self.bar.bar_style = "danger"
-            self.status.value = f"<span style='color:#b00'>build failed: {html.escape(str(error))}</span>"
+            self.status.value = ("<span style='color:#b00'>build failed: "
+                                 f"{html.escape(str(error))}</span>")
             return None
         finally:
             self.button.disabled = False
@@ -213,15 +214,15 @@ class BuildPanel:
         self.cache[key] = row
         results.upsert(row, self.path)
         self.bar.value, self.bar.bar_style, self.bar.description = 1.0, "success", "done"
-        self.status.value = (f"built <b>{html.escape(row['variant'])}</b>: accuracy {row['accuracy']:.4f}, "
-                             f"p50 {row.get('latency_p50_us', float('nan')):.1f} µs, "
+        self.status.value = (f"built <b>{html.escape(row['variant'])}</b>: accuracy "
+                             f"{row['accuracy']:.4f}, p50 "
+                             f"{row.get('latency_p50_us', float('nan')):.1f} µs, "
                              f"{row.get('gzip_bytes', 0):,} bytes gzipped")
         if self.explorer is not None:
             self.explorer.reload(select=row["variant"])
         return row
 
     def _ipython_display_(self):
-        from IPython.display import display
         display(self.widget)
 
 

@@ -1,7 +1,8 @@
 """The checkers of notebooks 01 and 02 (labkit/check/baseline.py, labkit/check/pruning.py).
 
-Each checker must pass the solution, a second correct implementation written differently, and labkit's
-own function; report a blank as "not attempted"; and reject each typical mistake with its diagnosis.
+Each checker must pass the solution, a second correct implementation written
+differently, and labkit's own function; report a blank as "not attempted"; and reject
+each typical mistake with its diagnosis.
 """
 import math
 
@@ -37,16 +38,20 @@ def not_attempted(checker, capsys):
 
 
 def test_the_four_checkers_are_registered_with_their_notebooks():
-    for name, notebook, module in [("conv_macs", "01", baseline_checks), ("latency_summary", "01", baseline_checks),
-                                   ("magnitude_mask", "02", pruning_checks), ("m_by_n_mask", "02", pruning_checks)]:
+    for name, notebook, module in [("conv_macs", "01", baseline_checks),
+                                   ("latency_summary", "01", baseline_checks),
+                                   ("magnitude_mask", "02", pruning_checks),
+                                   ("m_by_n_mask", "02", pruning_checks)]:
         assert check.EXERCISES[name].notebook == notebook
         assert getattr(module, name).__name__ == name and hasattr(solutions, name)
 
 
 # ----------------------------------------------------------------------------- conv_macs
 
-def conv_macs_loops(height, width, kernel_size, in_channels, out_channels, stride=1, padding="same"):
-    """Walks the kernel over the (padded) image and adds up the taps: another way to the same count."""
+def conv_macs_loops(height, width, kernel_size, in_channels, out_channels, stride=1,
+                    padding="same"):
+    """Walks the kernel over the (padded) image and adds up the taps:
+    another way to the same count."""
     def padded(size):   # Keras's "same" pads just enough for ceil(size / stride) kernel positions
         if padding == "valid":
             return size
@@ -58,7 +63,8 @@ def conv_macs_loops(height, width, kernel_size, in_channels, out_channels, strid
     return macs
 
 
-def conv_macs_labkit(height, width, kernel_size, in_channels, out_channels, stride=1, padding="same"):
+def conv_macs_labkit(height, width, kernel_size, in_channels, out_channels, stride=1,
+                     padding="same"):
     """measure.layer_macs on a one-layer tf_keras model."""
     import tf_keras as keras
 
@@ -75,7 +81,8 @@ def test_conv_macs_accepts_correct_answers(fn, capsys):
 
 
 def test_conv_macs_accepts_a_numpy_integer_and_a_whole_float(capsys):
-    passes(baseline_checks.conv_macs, lambda *a, **k: np.int64(solutions.conv_macs(*a, **k)), capsys)
+    passes(baseline_checks.conv_macs, lambda *a, **k: np.int64(solutions.conv_macs(*a, **k)),
+           capsys)
     passes(baseline_checks.conv_macs, lambda *a, **k: float(solutions.conv_macs(*a, **k)), capsys)
 
 
@@ -96,23 +103,29 @@ CONV_MISTAKES = {
     "stride ignored": (lambda h, w, k, ci, co, stride=1, padding="same":
                        solutions.conv_macs(h, w, k, ci, co, 1, padding), "ignored the stride"),
     "valid off by one": (lambda h, w, k, ci, co, stride=1, padding="same":
-                         solutions.conv_macs(h, w, k, ci, co, stride, padding) if padding == "same" else
-                         ((h - k) // stride) * ((w - k) // stride) * co * k * k * ci, "'valid'.*off by one"),
+                         solutions.conv_macs(h, w, k, ci, co, stride, padding)
+                         if padding == "same" else
+                         ((h - k) // stride) * ((w - k) // stride) * co * k * k * ci,
+                         "'valid'.*off by one"),
     "valid as same": (lambda h, w, k, ci, co, stride=1, padding="same":
-                      solutions.conv_macs(h, w, k, ci, co, stride, "same"), "treated 'valid' like 'same'"),
+                      solutions.conv_macs(h, w, k, ci, co, stride, "same"),
+                      "treated 'valid' like 'same'"),
     "same rounds down": (lambda h, w, k, ci, co, stride=1, padding="same":
-                         solutions.conv_macs(h, w, k, ci, co, stride, padding) if padding == "valid" else
+                         solutions.conv_macs(h, w, k, ci, co, stride, padding)
+                         if padding == "valid" else
                          (h // stride) * (w // stride) * co * k * k * ci, "rounds down"),
     "kernel counted once": (lambda h, w, k, ci, co, stride=1, padding="same":
                             _out(h, k, stride, padding) * _out(w, k, stride, padding) * co * k * ci,
                             "kernel_size once"),
     "FLOPs": (lambda *a, **kw: 2 * solutions.conv_macs(*a, **kw), "FLOPs, not MACs"),
     "bias counted": (lambda h, w, k, ci, co, stride=1, padding="same":
-                     _out(h, k, stride, padding) * _out(w, k, stride, padding) * co * (k * k * ci + 1), "bias add"),
+                     _out(h, k, stride, padding) * _out(w, k, stride, padding) * co
+                     * (k * k * ci + 1), "bias add"),
     "wrong defaults": (lambda h, w, k, ci, co, stride=1, padding="valid":
                        solutions.conv_macs(h, w, k, ci, co, stride, padding), "defaults"),
     "returns a string": (lambda *a, **kw: str(solutions.conv_macs(*a, **kw)), "one whole number"),
-    "off by a constant": (lambda *a, **kw: solutions.conv_macs(*a, **kw) + 7, r"expected 225,792 MACs"),
+    "off by a constant": (lambda *a, **kw: solutions.conv_macs(*a, **kw) + 7,
+                          r"expected 225,792 MACs"),
 }
 
 
@@ -125,8 +138,10 @@ def test_conv_macs_diagnoses_typical_mistakes(mistake):
 
 def test_conv_macs_crash_names_the_inputs():
     def crashes(height, width, kernel_size, in_channels, out_channels, stride=1, padding="same"):
-        return {"same": 1}[padding] * height * width * kernel_size ** 2 * in_channels * out_channels // stride ** 2
-    with pytest.raises(ExerciseError, match=r"KeyError.*\n  on \(28, 28, 5, 1, 6, stride=1, padding='valid'\)"):
+        return ({"same": 1}[padding] * height * width * kernel_size ** 2 * in_channels
+                * out_channels // stride ** 2)
+    with pytest.raises(ExerciseError,
+                       match=r"KeyError.*\n  on \(28, 28, 5, 1, 6, stride=1, padding='valid'\)"):
         baseline_checks.conv_macs(crashes)
 
 
@@ -142,15 +157,19 @@ def latency_sorted(times_s, warmup):
 
 def latency_labkit(times_s, warmup):
     from labkit.measure import Latency
-    summary = Latency({"x": np.asarray(times_s)[warmup:] * 1e6}, {"x": ""}, {"x": 1}, machine={}).summary()
+    summary = Latency({"x": np.asarray(times_s)[warmup:] * 1e6}, {"x": ""}, {"x": 1},
+                      machine={}).summary()
     return summary.loc["x", "latency_p50_us"], summary.loc["x", "latency_p95_us"]
 
 
 @pytest.mark.parametrize("fn", [solutions.latency_summary, latency_sorted, latency_labkit,
-                                lambda t, w: np.quantile(np.asarray(t[w:]) * 1e6, [0.5, 0.95], method="hazen"),
+                                lambda t, w: np.quantile(np.asarray(t[w:]) * 1e6,
+                                                         [0.5, 0.95], method="hazen"),
                                 lambda t, w: [float(np.median(np.asarray(t)[w:] * 1e6)),
-                                              float(np.percentile(np.asarray(t)[w:], 95, method="higher") * 1e6)]],
-                         ids=["solution", "nearest-rank", "labkit", "quantile-hazen", "list-mixed-methods"])
+                                              float(np.percentile(np.asarray(t)[w:], 95,
+                                                                  method="higher") * 1e6)]],
+                         ids=["solution", "nearest-rank", "labkit", "quantile-hazen",
+                              "list-mixed-methods"])
 def test_latency_summary_accepts_correct_answers(fn, capsys):
     passes(baseline_checks.latency_summary, fn, capsys)
 
@@ -164,19 +183,25 @@ def _kept_us(times, warmup):
 
 
 LATENCY_MISTAKES = {
-    "kept the warm-up": (lambda t, w: tuple(np.percentile(np.asarray(t) * 1e6, [50, 95])), "kept the warm-up"),
-    "dropped the last calls": (lambda t, w: tuple(np.percentile(np.asarray(t)[:len(t) - w] * 1e6, [50, 95])),
+    "kept the warm-up": (lambda t, w: tuple(np.percentile(np.asarray(t) * 1e6, [50, 95])),
+                         "kept the warm-up"),
+    "dropped the last calls": (lambda t, w:
+                               tuple(np.percentile(np.asarray(t)[:len(t) - w] * 1e6, [50, 95])),
                                "dropped the LAST"),
-    "milliseconds": (lambda t, w: tuple(np.percentile(_kept_us(t, w) / 1e3, [50, 95])), "milliseconds"),
+    "milliseconds": (lambda t, w: tuple(np.percentile(_kept_us(t, w) / 1e3, [50, 95])),
+                     "milliseconds"),
     "seconds": (lambda t, w: tuple(np.percentile(np.asarray(t)[w:], [50, 95])), "in seconds"),
-    "nanoseconds": (lambda t, w: tuple(np.percentile(np.asarray(t)[w:] * 1e9, [50, 95])), "nanoseconds"),
+    "nanoseconds": (lambda t, w: tuple(np.percentile(np.asarray(t)[w:] * 1e9, [50, 95])),
+                    "nanoseconds"),
     "mean, not median": (lambda t, w: (np.mean(_kept_us(t, w)), np.percentile(_kept_us(t, w), 95)),
                          "mean, not the median"),
     "swapped": (lambda t, w: tuple(np.percentile(_kept_us(t, w), [95, 50])), "swapped"),
-    "fractions to percentile": (lambda t, w: tuple(np.percentile(_kept_us(t, w), [0.5, 0.95])), "0 to 100"),
+    "fractions to percentile": (lambda t, w: tuple(np.percentile(_kept_us(t, w), [0.5, 0.95])),
+                                "0 to 100"),
     "off by one": (lambda t, w: tuple(np.percentile(_kept_us(t, w + 1), [50, 95])), "off by one"),
     "one number": (lambda t, w: float(np.median(_kept_us(t, w))), "two numbers"),
-    "wrong p95": (lambda t, w: (np.median(_kept_us(t, w)), np.max(_kept_us(t, w))), "your p95 is wrong"),
+    "wrong p95": (lambda t, w: (np.median(_kept_us(t, w)), np.max(_kept_us(t, w))),
+                  "your p95 is wrong"),
 }
 
 
@@ -190,7 +215,8 @@ def test_latency_summary_diagnoses_typical_mistakes(mistake):
 # ----------------------------------------------------------------------------- magnitude_mask
 
 def magnitude_threshold_keep_ties(weights, sparsity):
-    """A threshold instead of a sort, ties at it KEPT (as tfmot does), .5 rounded up, as a float 0/1 mask."""
+    """A threshold instead of a sort, ties at it KEPT (as tfmot does), .5
+    rounded up, as a float 0/1 mask."""
     w = np.abs(np.asarray(weights))
     count = int(np.floor(sparsity * w.size + 0.5))
     if count == 0:
@@ -215,8 +241,9 @@ def magnitude_labkit(weights, sparsity):
     return pruning.magnitude_mask(weights, sparsity)
 
 
-@pytest.mark.parametrize("fn", [solutions.magnitude_mask, magnitude_threshold_keep_ties, magnitude_prune_ties,
-                                magnitude_labkit], ids=["solution", "keep-ties", "prune-ties", "labkit"])
+@pytest.mark.parametrize("fn", [solutions.magnitude_mask, magnitude_threshold_keep_ties,
+                                magnitude_prune_ties, magnitude_labkit],
+                         ids=["solution", "keep-ties", "prune-ties", "labkit"])
 def test_magnitude_mask_accepts_correct_answers(fn, capsys):
     passes(pruning_checks.magnitude_mask, fn, capsys)
 
@@ -225,7 +252,8 @@ def test_magnitude_mask_rule_accepts_both_neighbours_at_half_and_ties_either_way
     w = np.array([0.3, -0.1, 0.2, 0.8, -0.5])     # 0.5 * 5 = 2.5
     assert pruning_checks.mask_is_right(w, 0.5, np.array([1, 0, 0, 1, 1], bool))       # 2 pruned
     assert pruning_checks.mask_is_right(w, 0.5, np.array([0, 0, 0, 1, 1], bool))       # 3 pruned
-    assert not pruning_checks.mask_is_right(w, 0.5, np.array([0, 0, 1, 1, 1], bool))   # 0.3 pruned, 0.2 kept
+    # 0.3 pruned, 0.2 kept
+    assert not pruning_checks.mask_is_right(w, 0.5, np.array([0, 0, 1, 1, 1], bool))
     assert not pruning_checks.mask_is_right(w, 0.5, np.array([1, 0, 1, 1, 1], bool))   # 1 pruned
     ties = np.array([1.0, -1.0, 1.0, 1.0, 2.0, -3.0])
     for pruned in range(5):   # any number of the four tied |w| = 1 may go
@@ -255,14 +283,17 @@ MAGNITUDE_MISTAKES = {
     "signed values": (lambda w, s: _keep_by(w, _count(w, s)), "signed values"),
     "inverted": (lambda w, s: ~solutions.magnitude_mask(w, s), "inverted"),
     "flattened": (lambda w, s: solutions.magnitude_mask(w, s).ravel(), r"wrong shape.*reshape"),
-    "kept fraction": (lambda w, s: _keep_by(np.abs(w), round((1 - s) * np.size(w))), "fraction set to ZERO"),
+    "kept fraction": (lambda w, s: _keep_by(np.abs(w), round((1 - s) * np.size(w))),
+                      "fraction set to ZERO"),
     "floor": (lambda w, s: _keep_by(np.abs(w), int(s * np.size(w))), "rounded down"),
     "pruned weights returned": (lambda w, s: w * solutions.magnitude_mask(w, s), "pruned weights"),
     "off by one": (lambda w, s: _keep_by(np.abs(w), _count(w, s) + 1), r"off by one"),
-    "everything at sparsity 0": (lambda w, s: np.abs(w) > np.sort(np.abs(w), axis=None)[_count(w, s) - 1],
+    "everything at sparsity 0": (lambda w, s:
+                                 np.abs(w) > np.sort(np.abs(w), axis=None)[_count(w, s) - 1],
                                  "pruned every weight"),
-    "random": (lambda w, s: np.random.default_rng(0).permutation(solutions.magnitude_mask(w, s).ravel())
-               .reshape(np.shape(w)), "not the smallest"),
+    "random": (lambda w, s: np.random.default_rng(0)
+               .permutation(solutions.magnitude_mask(w, s).ravel()).reshape(np.shape(w)),
+               "not the smallest"),
 }
 
 
@@ -286,7 +317,8 @@ def test_magnitude_mask_is_also_run_on_the_tfmot_layer():
 
 
 def test_checkers_leave_the_notebooks_random_numbers_alone(capsys):
-    """Building the checkers' tiny Keras models must not draw from the seed generator set by labkit.setup."""
+    """Building the checkers' tiny Keras models must not draw from the seed
+    generator set by labkit.setup."""
     from tf_keras.src import backend
     generator = backend._SEED_GENERATOR.generator
     before, numpy_before = generator.getstate(), np.random.get_state()[1].copy()
@@ -299,10 +331,12 @@ def test_checkers_leave_the_notebooks_random_numbers_alone(capsys):
 # ----------------------------------------------------------------------------- m_by_n_mask
 
 def m_by_n_loops(kernel, m=2, n=4):
-    """Loops over every column of inputs and every group, float 0/1 mask, ties broken towards the later weight."""
+    """Loops over every column of inputs and every group, float 0/1 mask, ties
+    broken towards the later weight."""
     kernel = np.asarray(kernel)
     mask = np.zeros(kernel.shape, np.float32)
-    for index in np.ndindex(*kernel.shape[:-2], kernel.shape[-1]):    # (..., output): one column of inputs
+    # (..., output): one column of inputs
+    for index in np.ndindex(*kernel.shape[:-2], kernel.shape[-1]):
         *lead, out = index
         column = np.abs(kernel[(*lead, slice(None), out)])
         for start in range(0, len(column), n):
@@ -323,7 +357,8 @@ def m_by_n_zero_smallest(kernel, m=2, n=4):
 
 
 def m_by_n_tfmot(kernel, m=2, n=4):
-    """tfmot's own m:n mask, as sparsity_m_by_n computes it inside pruning.prune (m zeros in every n)."""
+    """tfmot's own m:n mask, as sparsity_m_by_n computes it inside
+    pruning.prune (m zeros in every n)."""
     import tensorflow as tf
     from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
     weights = tf.constant(np.asarray(kernel, np.float32))
@@ -335,8 +370,8 @@ def m_by_n_int8(kernel, m=2, n=4):
     return solutions.m_by_n_mask(np.asarray(kernel, np.float64), m, n).astype(np.int8)
 
 
-@pytest.mark.parametrize("fn", [solutions.m_by_n_mask, m_by_n_loops, m_by_n_zero_smallest, m_by_n_tfmot,
-                                m_by_n_int8],
+@pytest.mark.parametrize("fn", [solutions.m_by_n_mask, m_by_n_loops, m_by_n_zero_smallest,
+                                m_by_n_tfmot, m_by_n_int8],
                          ids=["solution", "loops", "zero-smallest", "tfmot", "int8"])
 def test_m_by_n_mask_accepts_correct_answers(fn, capsys):
     passes(pruning_checks.m_by_n_mask, fn, capsys)
@@ -359,11 +394,13 @@ M_BY_N_MISTAKES = {
     "flattened as stored": (lambda k, m=2, n=4: _keep_along(np.asarray(k).reshape(-1, n), m, n, -1)
                             .reshape(np.shape(k)), "OUTPUT axis"),
     "axis 0": (lambda k, m=2, n=4: _keep_along(k, m, n, 0), "axis 0"),
-    "kept the smallest": (lambda k, m=2, n=4: _keep_along(k, m, n, -2, key=lambda a: -np.abs(a)), "SMALLEST"),
+    "kept the smallest": (lambda k, m=2, n=4: _keep_along(k, m, n, -2, key=lambda a: -np.abs(a)),
+                          "SMALLEST"),
     "inverted": (lambda k, m=2, n=4: ~solutions.m_by_n_mask(k, m, n), "SMALLEST.*inverted"),
     "signed": (lambda k, m=2, n=4: _keep_along(k, m, n, -2, key=lambda a: a), "signed values"),
-    "hard-coded 2:4": (lambda k, m=2, n=4: solutions.m_by_n_mask(k, 2, 4) if np.shape(k)[-2] % 4 == 0
-                       else solutions.m_by_n_mask(k, m, n), "ignore the arguments m and n"),
+    "hard-coded 2:4": (lambda k, m=2, n=4: solutions.m_by_n_mask(k, 2, 4)
+                       if np.shape(k)[-2] % 4 == 0 else solutions.m_by_n_mask(k, m, n),
+                       "ignore the arguments m and n"),
     "kept m + 1": (lambda k, m=2, n=4: _keep_along(k, m + 1, n, -2),
                    r"keep exactly 2 weights; your groups keep \[3\]"),
     "wrong shape": (lambda k, m=2, n=4: solutions.m_by_n_mask(k, m, n).ravel(), "wrong shape"),

@@ -8,12 +8,12 @@ import math
 import subprocess
 import sys
 
-import labkit.check.clustering as cc
-import labkit.check.quantization as cq
-import labkit.check.solutions as solutions
 import numpy as np
 import pytest
 
+import labkit.check.clustering as cc
+import labkit.check.quantization as cq
+import labkit.check.solutions as solutions
 from labkit import ROOT, check, kmeans, quantizers, tflite
 
 CHECKERS = {"kmeans_step": cc.kmeans_step, "codebook_bytes": cc.codebook_bytes,
@@ -48,12 +48,14 @@ def kmeans_step_loops(weights, centroids):
 
 
 def kmeans_step_labkit(weights, centroids):
-    """labkit's own pieces: kmeans.assign on the sorted centroids, one iteration of kmeans.kmeans."""
+    """labkit's own pieces: kmeans.assign on the sorted centroids, one
+    iteration of kmeans.kmeans."""
     centroids = np.asarray(centroids, np.float64)
     order = np.argsort(centroids)
     labels = order[kmeans.assign(np.ravel(weights), centroids[order])]
     new = np.empty(len(centroids))
-    new[order] = kmeans.kmeans(np.ravel(weights), len(centroids), iterations=1, centroids=centroids).centroids
+    new[order] = kmeans.kmeans(np.ravel(weights), len(centroids), iterations=1,
+                               centroids=centroids).centroids
     return labels, new
 
 
@@ -65,11 +67,13 @@ def codebook_bytes_loops(num_weights, clusters):
 
 
 def codebook_bytes_labkit(num_weights, clusters):
-    return kmeans.Codebook(np.zeros(clusters, np.float32), np.zeros(num_weights, np.uint16), []).storage_bytes()
+    return kmeans.Codebook(np.zeros(clusters, np.float32), np.zeros(num_weights, np.uint16),
+                           []).storage_bytes()
 
 
 def affine_params_float32(x, bits):
-    """float32 arithmetic, the zero point from the top of the range, a NumPy scalar and a 0-d array out."""
+    """float32 arithmetic, the zero point from the top of the range, a NumPy
+    scalar and a 0-d array out."""
     x = np.asarray(x, np.float32)
     qmin, qmax = np.float32(-2 ** (bits - 1)), np.float32(2 ** (bits - 1) - 1)
     lo, hi = np.minimum(x.min(), np.float32(0)), np.maximum(x.max(), np.float32(0))
@@ -83,13 +87,15 @@ def affine_params_labkit(x, bits):
 
 
 def int8_dense_loops(x_q, x_scale, x_zero_point, w_q, w_scale, b_q, y_scale, y_zero_point):
-    """Python integers (never overflow) and rounding half away from zero, as TFLite's kernels round."""
+    """Python integers (never overflow) and rounding half away from
+    zero, as TFLite's kernels round."""
     batch, n_in, n_out = len(x_q), len(w_q), len(w_q[0])
     scales = np.broadcast_to(np.asarray(w_scale, np.float64), (n_out,))
     y = np.zeros((batch, n_out), np.int8)
     for i in range(batch):
         for j in range(n_out):
-            acc = int(b_q[j]) + sum((int(x_q[i][k]) - int(x_zero_point)) * int(w_q[k][j]) for k in range(n_in))
+            acc = int(b_q[j]) + sum((int(x_q[i][k]) - int(x_zero_point)) * int(w_q[k][j])
+                                    for k in range(n_in))
             real = acc * x_scale * scales[j] / y_scale
             code = int(math.copysign(math.floor(abs(real) + 0.5), real)) + int(y_zero_point)
             y[i, j] = min(127, max(-128, code))
@@ -107,9 +113,11 @@ def int8_dense_float(x_q, x_scale, x_zero_point, w_q, w_scale, b_q, y_scale, y_z
 def int8_dense_labkit(x_q, x_scale, x_zero_point, w_q, w_scale, b_q, y_scale, y_zero_point):
     """quantizers.dequantize the inputs and weights, quantizers.quantize the float result."""
     x_p = quantizers.QuantParams(np.float32(x_scale), np.int64(x_zero_point), -128, 127, 8)
-    w_p = quantizers.QuantParams(np.asarray(w_scale, np.float32), np.zeros(np.shape(w_scale), np.int64), -127, 127, 8,
+    w_p = quantizers.QuantParams(np.asarray(w_scale, np.float32),
+                                 np.zeros(np.shape(w_scale), np.int64), -127, 127, 8,
                                  axis=1 if np.ndim(w_scale) else None)
-    y = quantizers.dequantize(x_q, x_p).astype(np.float64) @ quantizers.dequantize(w_q, w_p).astype(np.float64)
+    y = (quantizers.dequantize(x_q, x_p).astype(np.float64)
+         @ quantizers.dequantize(w_q, w_p).astype(np.float64))
     y += b_q * (float(x_scale) * np.asarray(w_scale, np.float64))
     y_p = quantizers.QuantParams(np.float32(y_scale), np.int64(y_zero_point), -128, 127, 8)
     return quantizers.quantize(y, y_p)
@@ -141,7 +149,7 @@ def test_a_blank_is_not_attempted(name, capsys):
         assert f"○ {name}: not attempted" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- kmeans_step: wrong answers
+# ----------------------------------------------------------------------- kmeans_step: wrong answers
 
 def _kmeans(labels_of=None, update=None, sort=False, empty=None, relabel=False):
     """The solution with one thing changed."""
@@ -149,7 +157,8 @@ def _kmeans(labels_of=None, update=None, sort=False, empty=None, relabel=False):
         weights, centroids = np.ravel(weights), np.asarray(centroids, dtype=float)
         if sort:
             centroids = np.sort(centroids)
-        labels = (labels_of or (lambda w, c: np.argmin(np.abs(w[:, None] - c[None, :]), axis=1)))(weights, centroids)
+        nearest = labels_of or (lambda w, c: np.argmin(np.abs(w[:, None] - c[None, :]), axis=1))
+        labels = nearest(weights, centroids)
         new = centroids.copy()
         for j in range(len(centroids)):
             members = weights[labels == j]
@@ -179,10 +188,14 @@ def _change(weights, centroids, labels=lambda labels: labels, new=lambda new: ne
 
 
 KMEANS_WRONG = [
-    (_kmeans(labels_of=lambda w, c: np.argmin(w[:, None] - c[None, :], axis=1)), "signed difference w - c"),
-    (_kmeans(labels_of=lambda w, c: np.argmin(c[None, :] - w[:, None], axis=1)), "signed difference c - w"),
-    (_kmeans(labels_of=lambda w, c: np.argmax(np.abs(w[:, None] - c[None, :]), axis=1)), "farthest centroid"),
-    (_kmeans(labels_of=lambda w, c: np.argmin(np.abs(w[:, None] - c[None, :]), axis=1) + 1), "start at 1"),
+    (_kmeans(labels_of=lambda w, c: np.argmin(w[:, None] - c[None, :], axis=1)),
+     "signed difference w - c"),
+    (_kmeans(labels_of=lambda w, c: np.argmin(c[None, :] - w[:, None], axis=1)),
+     "signed difference c - w"),
+    (_kmeans(labels_of=lambda w, c: np.argmax(np.abs(w[:, None] - c[None, :]), axis=1)),
+     "farthest centroid"),
+    (_kmeans(labels_of=lambda w, c: np.argmin(np.abs(w[:, None] - c[None, :]), axis=1) + 1),
+     "start at 1"),
     (_kmeans(empty=0.0), "empty cluster's centroid became 0"),
     (_kmeans(empty=np.nan), "NaN"),
     (_kmeans(relabel=True), "nearest of the NEW centroids"),
@@ -191,10 +204,12 @@ KMEANS_WRONG = [
     (_kmeans(update=np.sum), "SUM of their weights"),
     (_kmeans(update=np.median), "median"),
     (lambda w, c: _change(w, c, new=lambda new: np.asarray(c)), "returned the centroids unchanged"),
-    (lambda w, c: solutions.kmeans_step(w, solutions.kmeans_step(w, c)[1]), "moved the centroids twice|NEW centroids"),
+    (lambda w, c: solutions.kmeans_step(w, solutions.kmeans_step(w, c)[1]),
+     "moved the centroids twice|NEW centroids"),
     (kmeans_mutates, "changed the centroids it was given"),
     (lambda w, c: solutions.kmeans_step(w, c)[0], "return two things"),
-    (lambda w, c: _change(w, c, labels=lambda labels: np.eye(len(c))[labels]), "labels should have shape"),
+    (lambda w, c: _change(w, c, labels=lambda labels: np.eye(len(c))[labels]),
+     "labels should have shape"),
     (lambda w, c: _change(w, c, labels=lambda labels: np.asarray(c)[labels]), "whole numbers"),
     (lambda w, c: _change(w, c, new=lambda new: new[:-1]), "new_centroids should have shape"),
 ]
@@ -219,23 +234,26 @@ def test_kmeans_step_reference_is_one_iteration_of_labkits_kmeans():
     for weights, centroids in cc._kmeans_cases(rng, 20):
         _, new = cc.reference_step(weights, centroids)
         one = kmeans.kmeans(weights, len(centroids), iterations=1, centroids=centroids)
-        assert np.allclose(np.sort(new), one.centroids, rtol=1e-6, atol=1e-6 * np.abs(weights).max())
+        assert np.allclose(np.sort(new), one.centroids, rtol=1e-6,
+                           atol=1e-6 * np.abs(weights).max())
 
 
-# ----------------------------------------------------------------------------- codebook_bytes: wrong answers
+# -------------------------------------------------------------------- codebook_bytes: wrong answers
 
 CODEBOOK_WRONG = [
     (lambda n, k: k * 32 + n * max(1, math.ceil(math.log2(k))), "bits, not bytes"),
     (lambda n, k: math.ceil(n * max(1, math.ceil(math.log2(k))) / 8), "forgot the codebook"),
     (lambda n, k: k * 4 + n, "one byte \\(8 bits\\) per index"),
-    (lambda n, k: k * 4 + math.ceil(n * math.log2(k) / 8), "did not round log2\\(k\\) up|0 index bits"),
+    (lambda n, k: k * 4 + math.ceil(n * math.log2(k) / 8),
+     "did not round log2\\(k\\) up|0 index bits"),
     (lambda n, k: k * 4 + math.ceil(n * max(1, int(math.log2(k))) / 8), "rounded log2\\(k\\) down"),
     (lambda n, k: k * 4 + n * max(1, math.ceil(math.log2(k))) // 8, "round UP to whole bytes"),
     (lambda n, k: k * 4 + n * max(1, math.ceil(math.log2(k))) / 8, "rounded up to a whole number"),
     (lambda n, k: k * 8 + math.ceil(n * max(1, math.ceil(math.log2(k))) / 8), "float64"),
     (lambda n, k: k * 4 + math.ceil(n * math.ceil(math.log2(k)) / 8), "0 index bits"),
     (lambda n, k: k * 4 + math.ceil(n * (int(math.log2(k)) + 1) / 8), "log2\\(k\\) \\+ 1 bits"),
-    (lambda n, k: f"{k * 4 + math.ceil(n * max(1, math.ceil(math.log2(k))) / 8)} B", "return one number"),
+    (lambda n, k: f"{k * 4 + math.ceil(n * max(1, math.ceil(math.log2(k))) / 8)} B",
+     "return one number"),
 ]
 
 
@@ -245,12 +263,14 @@ def test_codebook_bytes_names_the_mistake(fn, match):
 
 
 def test_codebook_bytes_by_hand():
-    assert [cc.reference_bytes(n, k) for n, k in cc._CODEBOOK_BY_HAND] == [114, 200_768, 58, 10, 2024, 2153, 5]
+    assert [cc.reference_bytes(n, k) for n, k in cc._CODEBOOK_BY_HAND] == \
+        [114, 200_768, 58, 10, 2024, 2153, 5]
 
 
-# ----------------------------------------------------------------------------- affine_params: wrong answers
+# --------------------------------------------------------------------- affine_params: wrong answers
 
-def _affine(widen=True, steps=lambda b: 2 ** b - 1, offset=0, rounding=round, clip=True, swap=False):
+def _affine(widen=True, steps=lambda b: 2 ** b - 1, offset=0, rounding=round, clip=True,
+            swap=False):
     def params(x, bits):
         qmin, qmax = -2 ** (bits - 1) + offset, 2 ** (bits - 1) - 1 + offset
         lo, hi = float(np.min(x)), float(np.max(x))
@@ -296,15 +316,18 @@ def test_affine_params_names_the_mistake(fn, match):
 
 
 def test_affine_params_by_hand():
-    got = [cq.quantizers.affine_params(np.array(x, np.float32), bits) for x, bits in cq._AFFINE_BY_HAND]
+    got = [cq.quantizers.affine_params(np.array(x, np.float32), bits)
+           for x, bits in cq._AFFINE_BY_HAND]
     assert [int(p.zero_point) for p in got] == [-43, -128, -3, 127, -1]
     assert np.allclose([float(p.scale) for p in got], [3 / 255, 0.01, 2.6 / 15, 2 / 255, 0.5])
 
 
-# ----------------------------------------------------------------------------- int8_dense: wrong answers
+# ------------------------------------------------------------------------ int8_dense: wrong answers
 
-def _dense(forget_x_zero=False, accumulate=np.int32, bias_after=False, forget_y_zero=False, clamp=True,
-           transpose=False, rounding=np.round, multiplier=lambda xs, ws, ys: xs * np.asarray(ws) / ys, cast=np.int8):
+def _dense(forget_x_zero=False, accumulate=np.int32, bias_after=False, forget_y_zero=False,
+           clamp=True,
+           transpose=False, rounding=np.round,
+           multiplier=lambda xs, ws, ys: xs * np.asarray(ws) / ys, cast=np.int8):
     def dense(x_q, x_scale, x_zero_point, w_q, w_scale, b_q, y_scale, y_zero_point):
         x = x_q.astype(accumulate) - (0 if forget_x_zero else x_zero_point)
         w = w_q.astype(accumulate).T if transpose else w_q.astype(accumulate)
@@ -320,11 +343,13 @@ def _dense(forget_x_zero=False, accumulate=np.int32, bias_after=False, forget_y_
 
 def int8_dense_scalar_scale(x_q, x_scale, x_zero_point, w_q, w_scale, b_q, y_scale, y_zero_point):
     acc = (x_q.astype(np.int32) - x_zero_point) @ w_q.astype(np.int32) + b_q
-    return np.clip(np.round(acc * (x_scale * float(w_scale) / y_scale)) + y_zero_point, -128, 127).astype(np.int8)
+    return np.clip(np.round(acc * (x_scale * float(w_scale) / y_scale)) + y_zero_point, -128,
+                   127).astype(np.int8)
 
 
 def int8_dense_first_scale(x_q, x_scale, x_zero_point, w_q, w_scale, b_q, y_scale, y_zero_point):
-    return solutions.int8_dense(x_q, x_scale, x_zero_point, w_q, np.ravel(w_scale)[0], b_q, y_scale, y_zero_point)
+    return solutions.int8_dense(x_q, x_scale, x_zero_point, w_q, np.ravel(w_scale)[0], b_q, y_scale,
+                                y_zero_point)
 
 
 def int8_dense_reals(x_q, x_scale, x_zero_point, w_q, w_scale, b_q, y_scale, y_zero_point):
@@ -345,7 +370,8 @@ INT8_WRONG = [
     (_dense(rounding=np.floor), "rounded down"),
     (_dense(multiplier=lambda xs, ws, ys: ys / (xs * np.asarray(ws))), "upside down"),
     (_dense(multiplier=lambda xs, ws, ys: xs * np.asarray(ws)), "did not divide by y_scale"),
-    (lambda *args: np.clip(_dense(clamp=False, cast=None)(*args), -127, 127), "clamped to \\[-127, 127\\]"),
+    (lambda *args: np.clip(_dense(clamp=False, cast=None)(*args), -127, 127),
+     "clamped to \\[-127, 127\\]"),
     (int8_dense_scalar_scale, "one scale per output channel"),
     (int8_dense_first_scale, "one weight scale for every output channel"),
     (int8_dense_reals, "returned real values"),
@@ -377,7 +403,8 @@ def test_int8_dense_cases_by_hand_are_what_the_comments_say():
 def test_the_converted_file_holds_what_the_checker_reads(per_channel, tmp_path):
     file = cq.converted_dense(per_channel)
     assert file["op"] == "FULLY_CONNECTED"
-    assert file["w_q"].shape == cq.TINY_DENSE and file["w_q"].dtype == np.int8 and file["b_q"].dtype == np.int32
+    assert file["w_q"].shape == cq.TINY_DENSE and file["w_q"].dtype == np.int8
+    assert file["b_q"].dtype == np.int32
     assert np.ndim(file["w_scale"]) == (1 if per_channel else 0)
     path = tmp_path / "tiny.tflite"
     path.write_bytes(file["content"])
@@ -387,7 +414,8 @@ def test_the_converted_file_holds_what_the_checker_reads(per_channel, tmp_path):
     # the exact integer arithmetic and LiteRT's fixed-point kernel differ by at most one code
     rng = np.random.default_rng(1)
     x_q = rng.integers(-128, 128, (500, cq.TINY_DENSE[0])).astype(np.int8)
-    ours = cq.reference_dense(x_q, file["x_scale"], file["x_zero_point"], file["w_q"], file["w_scale"], file["b_q"],
+    ours = cq.reference_dense(x_q, file["x_scale"], file["x_zero_point"], file["w_q"],
+                              file["w_scale"], file["b_q"],
                               file["y_scale"], file["y_zero_point"]).astype(int)
     theirs = cq.run_converted(file, x_q).astype(int)
     assert np.max(np.abs(ours - theirs)) <= 1 and np.mean(ours == theirs) > 0.99
@@ -399,17 +427,21 @@ def test_int8_dense_judges_the_converter_case_against_litert():
     args = (x_q, file["x_scale"], file["x_zero_point"], file["w_q"], file["w_scale"], file["b_q"],
             file["y_scale"], file["y_zero_point"])
     target = cq.run_converted(file, x_q)
-    cq._judge_dense(check.guarded(solutions.int8_dense, "int8_dense"), args, "the converter's file", target)
+    cq._judge_dense(check.guarded(solutions.int8_dense, "int8_dense"), args, "the converter's file",
+                    target)
 
     def off_by_two(*given):
         y = solutions.int8_dense(*given).astype(np.int16)
         y[0, 0] = y[0, 0] + 2 if y[0, 0] < 120 else y[0, 0] - 2
         return y
-    with pytest.raises(check.ExerciseError, match="1 of 128 codes are wrong \\(the converter's file\\).*LiteRT gives"):
-        cq._judge_dense(check.guarded(off_by_two, "int8_dense"), args, "the converter's file", target)
+    with pytest.raises(check.ExerciseError, match="1 of 128 codes are wrong \\(the "
+                                                  "converter's file\\).*LiteRT gives"):
+        cq._judge_dense(check.guarded(off_by_two, "int8_dense"), args, "the converter's file",
+                        target)
 
 
 def test_importing_the_quantization_checker_leaves_tensorflow_out():
     code = "import sys, labkit.check.quantization; print('tensorflow' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(ROOT))
     assert done.stdout.strip() == "False", done.stderr[-2000:]

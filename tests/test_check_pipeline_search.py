@@ -1,8 +1,8 @@
 """Checkers of notebooks 07 and 08's exercises (labkit/check/pipeline.py, labkit/check/search.py):
 dominates, pareto_front, low_rank and distillation_loss.
 
-Each must accept every correct answer (the instructor's solution, one written differently here, labkit's
-own) and reject the typical wrong ones with the message that names the mistake.
+Each must accept every correct answer (the instructor's solution, one written differently here,
+labkit's own) and reject the typical wrong ones with the message that names the mistake.
 """
 import subprocess
 import sys
@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import labkit.check.pipeline as pipeline_checks   # the chapter modules themselves: no need to load every chapter
+# the chapter modules themselves: no need to load every chapter
+import labkit.check.pipeline as pipeline_checks
 import labkit.check.search as search_checks
 import labkit.check.solutions as solutions
 from labkit import ROOT, results
-from labkit.check import ExerciseError, STATUS
+from labkit.check import STATUS, ExerciseError
 
 
 def blank(*args, **kwargs):
@@ -44,14 +45,16 @@ def test_blank_is_not_attempted(checker, fn, capsys):
 def test_modules_do_not_import_tensorflow():
     code = ("import sys, labkit.check.pipeline, labkit.check.search; "
             "print('tensorflow' in sys.modules, 'tf_keras' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(ROOT))
     assert done.stdout.split() == ["False", "False"], done.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- dominates
 
 def dominates_numpy(a, b):
-    """Correct, written differently: signs turn every objective into 'smaller is better'; returns np.bool_."""
+    """Correct, written differently: signs turn every objective into 'smaller
+    is better'; returns np.bool_."""
     x, y = np.array(a, float) * [-1, 1, 1], np.array(b, float) * [-1, 1, 1]
     return np.all(x <= y) & np.any(x < y)
 
@@ -70,7 +73,8 @@ def dominates_labkit(a, b):
     return not results.pareto_front(table).iloc[1]
 
 
-@pytest.mark.parametrize("fn", [solutions.dominates, dominates_numpy, dominates_loops, dominates_labkit])
+@pytest.mark.parametrize("fn", [solutions.dominates, dominates_numpy, dominates_loops,
+                                dominates_labkit])
 def test_dominates_accepts_correct_answers(fn, capsys):
     passes(pipeline_checks.dominates, fn, capsys)
 
@@ -89,9 +93,12 @@ def sign_flip(which):
 
 
 DOMINATES_WRONG = {
-    "equal points dominate": (lambda a, b: a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2], "two equal points"),
-    "strict everywhere": (lambda a, b: a[0] > b[0] and a[1] < b[1] and a[2] < b[2], "strictly better on every"),
-    "any better": (lambda a, b: a[0] > b[0] or a[1] < b[1] or a[2] < b[2], "without checking that it is no worse"),
+    "equal points dominate": (lambda a, b: a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2],
+                              "two equal points"),
+    "strict everywhere": (lambda a, b: a[0] > b[0] and a[1] < b[1] and a[2] < b[2],
+                          "strictly better on every"),
+    "any better": (lambda a, b: a[0] > b[0] or a[1] < b[1] or a[2] < b[2],
+                   "without checking that it is no worse"),
     "maximised latency": (sign_flip([1]), "higher latency as better"),
     "maximised size": (sign_flip([2]), "larger size as better"),
     "maximised both": (sign_flip([1, 2]), "maximised latency and size"),
@@ -99,12 +106,15 @@ DOMINATES_WRONG = {
     "swapped": (lambda a, b: solutions.dominates(b, a), "arguments are swapped"),
     "inverted": (lambda a, b: not solutions.dominates(a, b), "inverted"),
     "ignored size": (lambda a, b: solutions.dominates((*a[:2], 0), (*b[:2], 0)), "ignored size"),
-    "ignored accuracy": (lambda a, b: solutions.dominates((0, *a[1:]), (0, *b[1:])), "ignored accuracy"),
-    "per-objective answers": (lambda a, b: [a[0] >= b[0], a[1] <= b[1], a[2] <= b[2]], "one True or False"),
+    "ignored accuracy": (lambda a, b: solutions.dominates((0, *a[1:]), (0, *b[1:])),
+                         "ignored accuracy"),
+    "per-objective answers": (lambda a, b: [a[0] >= b[0], a[1] <= b[1], a[2] <= b[2]],
+                              "one True or False"),
     "forgot return": (lambda a, b: None, "forget the `return`"),
     "a string": (lambda a, b: "yes", "return True or False"),
     "better on two, worse on none": (  # a stricter rule than Pareto dominance
-        lambda a, b: solutions.dominates(a, b) and sum(np.array(a) * [-1, 1, 1] < np.array(b) * [-1, 1, 1]) >= 2,
+        lambda a, b: solutions.dominates(a, b)
+        and sum(np.array(a) * [-1, 1, 1] < np.array(b) * [-1, 1, 1]) >= 2,
         "a dominates b when"),
 }
 
@@ -121,12 +131,14 @@ def test_dominates_diagnoses_typical_mistakes(mistake):
 def front_numpy(points):
     """Correct, written differently: all pairs at once; a list of 0/1 ints."""
     v = np.array(points, float) * [-1, 1, 1]
-    beats = (v[:, None] <= v[None]).all(axis=2) & (v[:, None] < v[None]).any(axis=2)   # [i, j]: i dominates j
+    # [i, j]: i dominates j
+    beats = (v[:, None] <= v[None]).all(axis=2) & (v[:, None] < v[None]).any(axis=2)
     return [int(not column.any()) for column in beats.T]
 
 
 def front_sorted_sweep(points):
-    """Correct, another way: only a point earlier in (accuracy desc, latency, size) order can dominate a later one."""
+    """Correct, another way: only a point earlier in (accuracy desc, latency, size)
+    order can dominate a later one."""
     order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1], points[i][2]))
     keep = [True] * len(points)
     for k, i in enumerate(order):
@@ -135,10 +147,12 @@ def front_sorted_sweep(points):
 
 
 def front_labkit(points):
-    return results.pareto_front(pd.DataFrame(points, columns=[c for c, _ in results.OBJECTIVES])).to_numpy()
+    return results.pareto_front(pd.DataFrame(points,
+                                             columns=[c for c, _ in results.OBJECTIVES])).to_numpy()
 
 
-@pytest.mark.parametrize("fn", [solutions.pareto_front, front_numpy, front_sorted_sweep, front_labkit])
+@pytest.mark.parametrize("fn", [solutions.pareto_front, front_numpy, front_sorted_sweep,
+                                front_labkit])
 def test_pareto_front_accepts_correct_answers(fn, capsys):
     passes(pipeline_checks.pareto_front, fn, capsys)
 
@@ -148,8 +162,12 @@ def test_pareto_front_hand_answers_agree_with_labkit():
         assert front_labkit(points).tolist() == by_hand, points
 
 
+SIGNS = np.array([-1, 1, 1])   # accuracy is better higher: flip it so that smaller is better
+
+
 def weak_front(points, skip_self):
-    weak = lambda a, b: a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]
+    def weak(a, b):
+        return a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]
     return [not any(weak(q, p) for j, q in enumerate(points) if not (skip_self and i == j))
             for i, p in enumerate(points)]
 
@@ -165,18 +183,25 @@ def unique_first(points):
 PARETO_WRONG = {
     "inverted": (lambda pts: ~solutions.pareto_front(pts), "inverted"),
     "a point dominates itself": (lambda pts: weak_front(pts, skip_self=False), "no point is kept"),
-    "equal points knock each other out": (lambda pts: weak_front(pts, skip_self=True), "equal points knock"),
+    "equal points knock each other out": (lambda pts: weak_front(pts, skip_self=True),
+                                          "equal points knock"),
     "unique first": (unique_first, "kept only the first"),
-    "strict dominance": (lambda pts: [not any(all(np.array(q) * [-1, 1, 1] < np.array(p) * [-1, 1, 1]) for q in pts)
+    "strict dominance": (lambda pts: [not any(all(np.array(q) * SIGNS < np.array(p) * SIGNS)
+                                              for q in pts)
                                       for p in pts], "too many points kept"),
-    "maximised latency": (lambda pts: solutions.pareto_front([(a, -l, s) for a, l, s in pts]), "higher latency"),
-    "ignored size": (lambda pts: solutions.pareto_front([(a, l, 0) for a, l, s in pts]), "ignored size"),
-    "sorted order": (lambda pts: front_labkit(sorted(pts, key=lambda p: p[2])), "sorted by size_bytes"),
+    "maximised latency": (lambda pts: solutions.pareto_front([(a, -l, s) for a, l, s in pts]),
+                          "higher latency"),
+    "ignored size": (lambda pts: solutions.pareto_front([(a, l, 0) for a, l, s in pts]),
+                     "ignored size"),
+    "sorted order": (lambda pts: front_labkit(sorted(pts, key=lambda p: p[2])),
+                     "sorted by size_bytes"),
     "indices": (lambda pts: np.flatnonzero(solutions.pareto_front(pts)), "indices"),
-    "the points": (lambda pts: np.array(pts)[solutions.pareto_front(pts)].reshape(-1, 3), "the points on the front"),
+    "the points": (lambda pts: np.array(pts)[solutions.pareto_front(pts)].reshape(-1, 3),
+                   "the points on the front"),
     "one bool": (lambda pts: True, "one boolean per point"),
     "forgot return": (lambda pts: None, "forget the `return`"),
-    "off by one point": (lambda pts: list(solutions.pareto_front(pts))[:-1] or [False, False], "wrong shape"),
+    "off by one point": (lambda pts: list(solutions.pareto_front(pts))[:-1] or [False, False],
+                         "wrong shape"),
 }
 
 
@@ -188,7 +213,7 @@ def test_pareto_front_diagnoses_typical_mistakes(mistake):
 
 
 def test_pareto_front_generic_message_names_a_dominating_point():
-    def lost_one(points):   # the right front, except that a dominated point sneaks in among 4 points
+    def lost_one(points):  # the right front, except that a dominated point sneaks in among 4 points
         front = list(solutions.pareto_front(points))
         if len(points) == 4 and not all(front):
             front[front.index(False)] = True
@@ -323,7 +348,8 @@ def distillation_keras(student_logits, teacher_logits, labels, temperature, alph
 
 def distillation_labkit(student_logits, teacher_logits, labels, temperature, alpha):
     from labkit import distill
-    return distill.distillation_loss(labels, teacher_logits, student_logits, temperature, alpha).numpy().mean()
+    loss = distill.distillation_loss(labels, teacher_logits, student_logits, temperature, alpha)
+    return loss.numpy().mean()
 
 
 @pytest.mark.parametrize("fn", [solutions.distillation_loss, distillation_loops, distillation_keras,
@@ -340,8 +366,8 @@ def test_numpy_definition_matches_labkit():
             pytest.approx(distillation_labkit(s, t, y, temperature, alpha), rel=1e-5, abs=1e-6)
 
 
-def loss_variant(*, t2=True, swap=False, soft_labels=False, reverse=False, reduce=np.mean, soft_ce=False,
-                 teacher_hot=False, kl_over_classes=False, per_image=False):
+def loss_variant(*, t2=True, swap=False, soft_labels=False, reverse=False, reduce=np.mean,
+                 soft_ce=False, teacher_hot=False, kl_over_classes=False, per_image=False):
     """The solution's loss with one typical mistake switched on."""
     def log_softmax(z):
         z = z - z.max(axis=1, keepdims=True)
@@ -360,7 +386,8 @@ def loss_variant(*, t2=True, swap=False, soft_labels=False, reverse=False, reduc
             kl = kl / s.shape[1]
         a = 1 - alpha if swap else alpha
         per = a * hard + (1 - a) * (temperature ** 2 if t2 else 1) * kl
-        return per if per_image else float(reduce(a * hard) + reduce((1 - a) * (temperature ** 2 if t2 else 1) * kl))
+        scale = temperature ** 2 if t2 else 1
+        return per if per_image else float(reduce(a * hard) + reduce((1 - a) * scale * kl))
     return loss
 
 
@@ -370,9 +397,11 @@ DISTILLATION_WRONG = {
     "softened the label term": (loss_variant(soft_labels=True), "softened the label term"),
     "KL reversed": (loss_variant(reverse=True), "KL is reversed"),
     "sum not mean": (loss_variant(reduce=np.sum), "summed over the batch"),
-    "soft cross-entropy": (loss_variant(soft_ce=True), "cross-entropy with the teacher's soft targets"),
+    "soft cross-entropy": (loss_variant(soft_ce=True),
+                           "cross-entropy with the teacher's soft targets"),
     "teacher not softened": (loss_variant(teacher_hot=True), "soften the teacher's too"),
-    "KL averaged over classes": (loss_variant(kl_over_classes=True), "averaged the KL over the classes"),
+    "KL averaged over classes": (loss_variant(kl_over_classes=True),
+                                 "averaged the KL over the classes"),
     "per image": (loss_variant(per_image=True), "one loss per image"),
     "forgot return": (lambda *args: None, "forget the `return`"),
     "nonsense": (lambda s, t, y, temperature, alpha: 0.123, "Expected .* got 0.123"),

@@ -18,7 +18,8 @@ ROWS = [
 def store(tmp_path):
     path = tmp_path / "measurements.csv"
     rows = [{"variant": v, "technique": t, "notebook": "test", "accuracy": a, "latency_p50_us": l,
-             "latency_p95_us": 1.5 * l, "gzip_bytes": g, "size_bytes": 2 * g, "machine": "test machine"}
+             "latency_p95_us": 1.5 * l, "gzip_bytes": g, "size_bytes": 2 * g,
+             "machine": "test machine"}
             for v, t, a, l, g in ROWS]
     results.upsert(rows, path)
     return path
@@ -27,7 +28,8 @@ def store(tmp_path):
 def plotted_points(explorer) -> int:
     ax = explorer.figure.axes[0]
     return sum(c.get_offsets().shape[0] for c in ax.collections
-               if c.get_label() not in ("Pareto frontier",) and not c.get_label().startswith("selected"))
+               if c.get_label() not in ("Pareto frontier",)
+               and not c.get_label().startswith("selected"))
 
 
 def test_explorer_axes_filter_and_details(store):
@@ -38,7 +40,8 @@ def test_explorer_axes_filter_and_details(store):
     explorer.x.value = "gzip_bytes"
     explorer.y.value = "latency_p50_us"
     ax = explorer.figure.axes[0]
-    assert (ax.get_xlabel(), ax.get_ylabel()) == ("gzipped size (KiB, log scale)", "p50 latency at batch 1 (µs, log scale)")
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("gzipped size (KiB, log scale)",
+                                                  "p50 latency at batch 1 (µs, log scale)")
 
     explorer.techniques.value = ("quantization",)
     assert set(explorer.visible()["variant"]) == {"quantization-int8", "quantization-dynamic"}
@@ -52,7 +55,8 @@ def test_explorer_axes_filter_and_details(store):
     assert "on the Pareto frontier" in explorer.details.value and ": no" in explorer.details.value
     explorer.variant.value = "quantization-int8"
     assert ": yes" in explorer.details.value
-    starred = [c for c in explorer.figure.axes[0].collections if c.get_label().startswith("selected")]
+    starred = [c for c in explorer.figure.axes[0].collections
+               if c.get_label().startswith("selected")]
     assert starred and starred[0].get_label() == "selected: quantization-int8"
 
     explorer.techniques.value = ()
@@ -67,8 +71,8 @@ def fake_builder(calls):
             on_progress(stage, 1.0)
         return {"variant": f"pipeline-custom-s{round(100 * sparsity)}-k{clusters}-{quantization}",
                 "technique": "pipeline", "notebook": "test", "accuracy": 0.99 - sparsity / 100,
-                "latency_p50_us": 60.0, "latency_p95_us": 80.0, "gzip_bytes": int(100_000 * (1 - sparsity)),
-                "size_bytes": 250_000}
+                "latency_p50_us": 60.0, "latency_p95_us": 80.0,
+                "gzip_bytes": int(100_000 * (1 - sparsity)), "size_bytes": 250_000}
     return build
 
 

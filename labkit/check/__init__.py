@@ -1,28 +1,20 @@
 """Exercise checkers: the learner writes a small NumPy function, a checker here judges it.
 
-    from labkit import check
-    check.magnitude_mask(magnitude_mask)     # prints a verdict, or raises ExerciseError
-    check.solution("magnitude_mask")         # prints one solution (labkit/check/solutions.py)
-
-Each checker runs the learner's function on small cases worked by hand, then on random cases
-against labkit's own implementation (and the library where the chapter does), and reports one of:
-
-* correct: one short line;
-* not attempted (the body still raises NotImplementedError or returns ``...``): one line, and the
-  notebook goes on with labkit's reference;
-* wrong: an ExerciseError (an AssertionError) whose message names the likely mistake.
-
-The checkers live beside their chapter: baseline.py (01), pruning.py (02), clustering.py (03),
-quantization.py (04), graph.py (05), pipeline.py (07), search.py (08).
-``python -m labkit.check solutions`` writes every solution and every question's answer to one
-file for instructors.
+`check.magnitude_mask(magnitude_mask)` runs the learner's function on cases worked by hand, then
+on random ones against labkit (and the library where the chapter does) and prints "correct" or
+"not attempted", or raises an ExerciseError that names the likely mistake; `check.solution(name)`
+prints one solution. The checkers live beside their chapter (baseline.py, pruning.py, ...), and
+`python -m labkit.check solutions` writes every solution and answer for instructors.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 
 import numpy as np
+
+from labkit.check import solutions
 
 
 class ExerciseError(AssertionError):
@@ -74,8 +66,8 @@ def _judge(entry: Exercise, fn, cases) -> None:
         checked = cases(guarded(fn, entry.name))
     except NotAttempted:
         STATUS[entry.name] = "not attempted"
-        print(f"○ {entry.name}: not attempted yet (the body still raises NotImplementedError or returns ...). "
-              f"The notebook goes on with `{entry.reference}`; "
+        print(f"○ {entry.name}: not attempted yet (the body still raises NotImplementedError or "
+              f"returns ...). The notebook goes on with `{entry.reference}`; "
               f"check.solution({entry.name!r}) shows one solution.")
         return None
     STATUS[entry.name] = "correct"
@@ -122,7 +114,6 @@ def fail(name: str, message: str, args=(), kwargs=None) -> None:
 
 def solution(name: str) -> None:
     """Print one solution of exercise `name` (the notebooks hold only the blanks)."""
-    from labkit.check import solutions
     _load_chapters()
     if name not in EXERCISES or not hasattr(solutions, name):
         raise ValueError(f"no exercise called {name!r}; the exercises are {sorted(EXERCISES)}")
@@ -137,7 +128,6 @@ SUBMODULES = (*CHAPTERS, "solutions", "instructor", "__main__")
 
 
 def _chapter_modules() -> list:
-    import importlib
     return [importlib.import_module(f"labkit.check.{chapter}") for chapter in CHAPTERS]
 
 
@@ -147,7 +137,8 @@ def _load_chapters() -> None:
 
 
 def __getattr__(name: str):
-    """`check.magnitude_mask` and friends: the chapter modules load on first use (some import TensorFlow)."""
+    """`check.magnitude_mask` and friends: the chapter modules load on first
+    use (some import TensorFlow)."""
     if name.startswith("_") or name in SUBMODULES:   # a submodule being imported: not a checker
         raise AttributeError(name)
     for module in _chapter_modules():

@@ -8,9 +8,11 @@ from labkit.check import instructor
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labkit.check",
-                                     description="Exercise solutions and question answers for instructors.")
+                                     description="Exercise solutions and question "
+                                                 "answers for instructors.")
     commands = parser.add_subparsers(dest="command", required=True)
-    solutions = commands.add_parser("solutions", help="write solutions.md and the notebooks with the blanks filled in")
+    solutions = commands.add_parser("solutions", help="write solutions.md and the notebooks "
+                                                      "with the blanks filled in")
     solutions.add_argument("--out", type=Path, default=ROOT / "build" / "instructor",
                            help="folder to write into (default: build/instructor)")
     args = parser.parse_args(argv)

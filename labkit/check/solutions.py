@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 
-
 # ----------------------------------------------------------------------------- 01 · baseline
 
 def conv_macs(height, width, kernel_size, in_channels, out_channels, stride=1, padding="same"):
@@ -40,7 +39,8 @@ def m_by_n_mask(kernel, m=2, n=4):
     groups = inputs_last.reshape(-1, n)
     order = np.argsort(-groups, axis=1, kind="stable")        # largest first
     keep = np.zeros_like(groups, dtype=bool)
-    np.put_along_axis(keep, order[:, :n - m], True, axis=1)   # m zeros per group: keep the n - m largest
+    # m zeros per group: keep the n - m largest
+    np.put_along_axis(keep, order[:, :n - m], True, axis=1)
     return np.moveaxis(keep.reshape(inputs_last.shape), -1, -2)
 
 
@@ -58,8 +58,9 @@ def kmeans_step(weights, centroids):
 
 
 def codebook_bytes(num_weights, clusters):
-    index_bits = max(1, math.ceil(math.log2(clusters)))     # bits to name one of `clusters` centroids
-    return clusters * 4 + math.ceil(num_weights * index_bits / 8)   # float32 codebook + packed indices
+    index_bits = max(1, math.ceil(math.log2(clusters)))   # bits to name one of `clusters` centroids
+    # float32 codebook + packed indices
+    return clusters * 4 + math.ceil(num_weights * index_bits / 8)
 
 
 # ----------------------------------------------------------------------------- 04 · quantization
@@ -73,8 +74,10 @@ def affine_params(x, bits):
 
 
 def int8_dense(x_q, x_scale, x_zero_point, w_q, w_scale, b_q, y_scale, y_zero_point):
-    accumulator = (x_q.astype(np.int32) - x_zero_point) @ w_q.astype(np.int32) + b_q.astype(np.int32)
-    real_multiplier = x_scale * np.asarray(w_scale) / y_scale    # one per tensor or per output channel
+    accumulator = ((x_q.astype(np.int32) - x_zero_point) @ w_q.astype(np.int32)
+                   + b_q.astype(np.int32))
+    # one per tensor or per output channel
+    real_multiplier = x_scale * np.asarray(w_scale) / y_scale
     y = np.round(accumulator * real_multiplier) + y_zero_point
     return np.clip(y, -128, 127).astype(np.int8)
 
@@ -100,8 +103,9 @@ def dominates(a, b):
 
 
 def pareto_front(points):
-    def beats(a, b):   # exercise 7.1's rule: no worse anywhere, better somewhere
-        return (a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]) and (a[0] > b[0] or a[1] < b[1] or a[2] < b[2])
+    def beats(a, b):   # the rule of dominates: no worse anywhere, better somewhere
+        return (a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]) and \
+            (a[0] > b[0] or a[1] < b[1] or a[2] < b[2])
     points = [tuple(p) for p in points]
     return np.array([not any(beats(other, p) for other in points) for p in points])
 
@@ -110,7 +114,7 @@ def pareto_front(points):
 
 def low_rank(weights, rank):
     u, s, vt = np.linalg.svd(weights, full_matrices=False)
-    return u[:, :rank] * s[:rank], vt[:rank]              # Eckart-Young: keep the largest singular values
+    return u[:, :rank] * s[:rank], vt[:rank]   # Eckart-Young: keep the largest singular values
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha):
