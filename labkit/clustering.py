@@ -1,31 +1,37 @@
-"""Weight sharing by k-means clustering, from NumPy to tfmot (notebook 03).
+"""Weight sharing by k-means clustering, from NumPy to tfmot.
 
-Owns THE 1-D k-means (`kmeans`; quantizers.py's k-means quantizer calls it too), tfmot's
+Clustering replaces every weight of a layer by the nearest of k shared values: the layer becomes
+a *codebook* (k float32 centroids) plus an *index* per weight (log2(k) bits). Owns tfmot's
 clustering wrapped and validated (`cluster_model`, `strip`), THE cluster + fine-tune + strip
-(`cluster`, on models.fine_tune and cached through models.cached), and what a clustered model
-holds (distinct values, codebook sizes, the values in a .tflite file). Notebook 03 reads it top to
-bottom: k-means in NumPy, the same on one layer with tfmot, whole-model clustering with
-fine-tuning, honest sizes, clustering that keeps a pruned model's zeros (pruned by
-labkit.pruning), and what batch-norm folding does to a conv codebook (`folding_and_codebooks`). Clustering replaces every weight of a layer by the nearest of k shared values:
-the layer becomes a *codebook* (k float32 centroids) plus an *index* per weight (log2(k) bits).
+(`cluster`, set by a `ClusterSettings`, cached by `cached_cluster`), what a clustered model holds
+(distinct values, codebook sizes, a .tflite file's values) and what batch-norm folding does to a
+conv codebook (`folding_and_codebooks`). THE 1-D k-means is labkit.kmeans's.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
-labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines, when run as a script
-import tensorflow_model_optimization as tfmot  # noqa: E402
-import tf_keras as keras
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 
-from labkit import ARTIFACTS_DIR, folding, machine, measure, models, tflite
-from labkit.kmeans import (FLOAT32_BYTES, INITS, check_clusters, check_init, init_centroids, kmeans,
-                           reconstruction_mse)
+labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines
+import tensorflow_model_optimization as tfmot  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+from labkit import ARTIFACTS_DIR, folding, measure, models, tflite  # noqa: E402
+from labkit.kmeans import (  # noqa: E402
+    FLOAT32_BYTES,
+    INITS,
+    check_clusters,
+    check_init,
+    init_centroids,
+    kmeans,
+    reconstruction_mse,
+)
 
 CLUSTERING_DIR = ARTIFACTS_DIR / "clustering"
 TFMOT_INITS = {"linear": tfmot.clustering.keras.CentroidInitialization.LINEAR,
@@ -35,9 +41,10 @@ TFMOT_INITS = {"linear": tfmot.clustering.keras.CentroidInitialization.LINEAR,
 TFMOT_DENSITY_GRID_POINTS = 30
 TFMOT_DENSITY_GAP = 0.01
 LARGE_LAYERS = ("conv2", "dense1", "logits")   # the ones worth pruning (conv1 has 288 weights)
-# Notebook 03's fine-tune: one epoch on 10,000 images (a trained model needs far less than training it).
+# The book's fine-tune: one epoch on 10,000 images (a trained model needs far less than training).
 PLAN = models.FineTune(train_subset=10_000, learning_rate=3e-4)
-# The chapter's targets at k = 16, stated and checked with these numbers (notebook 03's closing, `benchmark`).
+# The chapter's targets at k = 16, stated and checked with these numbers (in the book and by
+# `python -m labkit.targets.clustering`).
 TARGET_DROP_POINTS = 0.3     # test accuracy lost against the float32 baseline, in percentage points
 TARGET_GZIP_SMALLER = 3.0    # gzipped clustered .tflite against the gzipped baseline
 
@@ -56,7 +63,8 @@ def sparse_split(weights: np.ndarray, k: int) -> tuple[int, int]:
 
 
 def check_sparse_clusters(weights: np.ndarray, k: int, where: str) -> None:
-    """Sparsity-preserving k-means++ needs at least as many weights on each side of zero as centroids.
+    """Sparsity-preserving k-means++ needs at least as many weights on each side of zero as
+    centroids.
 
     tfmot otherwise fails deep inside TensorFlow with "Expected num_to_sample <= points.rows()".
     """
@@ -71,7 +79,8 @@ def check_sparse_clusters(weights: np.ndarray, k: int, where: str) -> None:
 
 # ----------------------------------------------------------------------------- the same with tfmot
 
-def tfmot_layer_clusters(model, layer_name: str, k: int, init: str = "kmeans++", per_channel: bool = False) -> dict:
+def tfmot_layer_clusters(model, layer_name: str, k: int, init: str = "kmeans++",
+                         per_channel: bool = False) -> dict:
     """tfmot's starting centroids for one layer, and the kernel tfmot builds from them.
 
     tfmot runs no Lloyd iterations: the start *is* its clustering until fine-tuning moves
@@ -83,13 +92,14 @@ def tfmot_layer_clusters(model, layer_name: str, k: int, init: str = "kmeans++",
     check_clusters(k, w.size // w.shape[-1] if per_channel else w.size, f"layer {layer_name}")
     layer = models.clone_with_weights(model).get_layer(layer_name)
     if per_channel and not (isinstance(layer, keras.layers.Conv2D) and layer.use_bias):
-        # tfmot 0.8.1 counts channels with the size of the layer's last trainable weight, taken for the
-        # bias: without one it counts the kernel, finds one weight per "channel" and skips the layer.
-        raise ValueError(f"layer {layer_name}: tfmot's cluster_per_channel needs a Conv2D with a bias "
-                         "(fold its batch norm first: folding.fold_batchnorm gives it one)")
-    wrapper = tfmot.clustering.keras.cluster_weights(layer, number_of_clusters=int(k),
-                                                     cluster_centroids_init=TFMOT_INITS[init],
-                                                     cluster_per_channel=per_channel)
+        # tfmot 0.8.1 counts channels with the size of the layer's last trainable weight, taken
+        # for the bias: without one it counts the kernel, finds one weight per "channel" and
+        # skips the layer.
+        raise ValueError(f"layer {layer_name}: tfmot's cluster_per_channel needs a Conv2D with a "
+                         "bias (fold its batch norm first: folding.fold_batchnorm gives it one)")
+    wrapper = tfmot.clustering.keras.cluster_weights(
+        layer, number_of_clusters=int(k), cluster_centroids_init=TFMOT_INITS[init],
+        cluster_per_channel=per_channel)
     with labkit.quiet_stderr():   # oneDNN's C++ note on int64 ops (the indices); errors still raise
         wrapper.build(layer.input_shape)
         wrapper.update_clustered_weights_associations()   # gathers centroids into the kernel
@@ -133,17 +143,19 @@ def compare_with_tfmot(model, layer_name: str, k: int = 16, seed: int = 0,
             "tfmot_start_mse": reconstruction_mse(w, theirs["centroids"]),
             # tfmot's own gather, measured directly: checks our nearest-centroid assignment.
             "tfmot_kernel_mse": float(np.mean((w - theirs["clustered_kernel"]) ** 2)),
-            "numpy_kmeans_mse": kmeans(w, k, init, seed=seed, iterations=iterations).mse_history[-1],
-            "kmeans_from_tfmot_start_mse": kmeans(w, k, centroids=theirs["centroids"],
-                                                  iterations=iterations).mse_history[-1],
+            "numpy_kmeans_mse": kmeans(w, k, init, seed=seed,
+                                       iterations=iterations).mse_history[-1],
+            "kmeans_from_tfmot_start_mse": kmeans(
+                w, k, centroids=theirs["centroids"], iterations=iterations).mse_history[-1],
         })
     return pd.DataFrame(rows).set_index("init")
 
 
-# ----------------------------------------------------------------------------- whole model, fine-tuned
+# -------------------------------------------------------------------------- whole model, fine-tuned
 
 def _clusterable(model, layers) -> tuple:
-    """The named layers (None: every weight layer), each a Conv2D or Dense (the layers with a kernel)."""
+    """The named layers (None: every weight layer), each a Conv2D or Dense (the layers with a
+    kernel)."""
     layers = tuple(models.weight_layers(model) if layers is None else layers)
     if not layers:
         raise ValueError("name at least one Conv2D or Dense layer")
@@ -161,7 +173,8 @@ def _clusterable(model, layers) -> tuple:
 
 def cluster_model(model, k: int, init: str = "kmeans++", layers=None,
                   preserve_sparsity: bool = False) -> keras.Model:
-    """A copy of `model` whose named layers (None: every weight layer) are wrapped by tfmot's ClusterWeights.
+    """A copy of `model` whose named layers (None: every weight layer) are wrapped by tfmot's
+    ClusterWeights.
 
     Every setting is checked first: tfmot silently skips a Conv2D with too few weights and
     fails obscurely on a sparse layer with too few non-zero weights.
@@ -169,13 +182,14 @@ def cluster_model(model, k: int, init: str = "kmeans++", layers=None,
     check_init(init)
     layers = _clusterable(model, layers)
     if preserve_sparsity and isinstance(k, (int, np.integer)) and k == 2:
-        raise ValueError("k=2: sparsity-preserving clustering needs k >= 3 (one centroid is pinned at zero)")
+        raise ValueError("k=2: sparsity-preserving clustering needs k >= 3 "
+                         "(one centroid is pinned at zero)")
     for name in layers:
         w = models.kernel(model, name)
         check_clusters(k, w.size, f"layer {name}")
         if preserve_sparsity:
             check_sparse_clusters(w, k, f"layer {name}")
-    base = models.clone_with_weights(model)   # tfmot wrappers reuse layers: never wrap the caller's
+    base = models.clone_with_weights(model)   # tfmot wrappers reuse layers: never the caller's
 
     def wrap(layer):
         if layer.name in layers:
@@ -194,42 +208,61 @@ def strip(model) -> keras.Model:
     return models.clone_with_weights(tfmot.clustering.keras.strip_clustering(model))
 
 
-def cluster(model, k: int, splits=None, plan: models.FineTune | None = None, *, layers=None,
-            init: str = "kmeans++", preserve_sparsity: bool = False, progress: bool = True, callbacks=()):
-    """Cluster a copy of `model` (k shared values per layer), fine-tune it when `plan` is given, strip.
+@dataclass(frozen=True)
+class ClusterSettings:
+    """What `cluster` does; `cached_cluster` keys its entry by these and the input model's weights.
+
+    k shared values per layer in `layers` (None: every weight layer), tfmot's `init` start, the
+    fine-tune `plan` (None: clustered, not fine-tuned) and `preserve_sparsity` (one centroid
+    pinned at zero, so a pruned model keeps its zeros).
+    """
+    k: int
+    plan: models.FineTune | None = None
+    layers: tuple | list | None = None
+    init: str = "kmeans++"
+    preserve_sparsity: bool = False
+
+    def __post_init__(self):
+        check_init(self.init)
+
+
+def cluster(model, settings: ClusterSettings, splits=None, *, progress: bool = True,
+            callbacks=()):
+    """Cluster a copy of `model`, fine-tune it when settings.plan is given, strip.
 
     Returns (model, record). Fine-tuning moves the centroids by gradient descent; with
     preserve_sparsity a centroid stays pinned at zero, so a pruned model keeps its zeros.
     `cached_cluster` caches it.
     """
-    wrapped = cluster_model(model, k, init, layers, preserve_sparsity)
-    record = {"k": int(k), "init": init, "layers": list(_clusterable(model, layers)),
-              "preserve_sparsity": preserve_sparsity}
-    if plan is not None:
+    s = settings
+    wrapped = cluster_model(model, s.k, s.init, s.layers, s.preserve_sparsity)
+    record = {"k": int(s.k), "init": s.init, "layers": list(_clusterable(model, s.layers)),
+              "preserve_sparsity": s.preserve_sparsity}
+    if s.plan is not None:
         if splits is None:
             raise ValueError("a fine-tune needs the data splits: pass splits with plan")
-        record.update(models.fine_tune(wrapped, splits, plan, callbacks=callbacks, progress=progress,
-                                       description="cluster"))
+        record.update(models.fine_tune(wrapped, splits, s.plan, callbacks=callbacks,
+                                       progress=progress, description="cluster"))
     return strip(wrapped), record
 
 
-def cached_cluster(model, k: int, splits, plan: models.FineTune = PLAN, *, name: str | None = None, layers=None,
-                   init: str = "kmeans++", preserve_sparsity: bool = False, directory: Path = CLUSTERING_DIR,
-                   progress: bool = True):
-    """`cluster` through models.cached: the entry's key covers every setting and `model`'s weights."""
-    name = name or f"clustered-k{k}" + ("-sparse" if preserve_sparsity else "")
-    settings = {"k": int(k), "init": init, "layers": None if layers is None else list(layers),
-                "preserve_sparsity": preserve_sparsity, "plan": asdict(plan)}
-    return models.cached(name, settings, [model], lambda: cluster(
-        model, k, splits, plan, layers=layers, init=init, preserve_sparsity=preserve_sparsity,
-        progress=progress), directory)
+def cached_cluster(model, settings: ClusterSettings, splits, *, name: str | None = None,
+                   directory: Path = CLUSTERING_DIR, progress: bool = True):
+    """`cluster` through models.cached: the entry's key covers the settings and `model`'s weights.
+
+    `name` (None: clustered-k<k>, with -sparse when preserve_sparsity) starts the file names.
+    """
+    name = name or f"clustered-k{settings.k}" + ("-sparse" if settings.preserve_sparsity else "")
+    return models.cached(name, asdict(settings), [model],
+                         lambda: cluster(model, settings, splits, progress=progress), directory)
 
 
-# ----------------------------------------------------------------------------- what the weights hold
+# ---------------------------------------------------------------------------- what the weights hold
 
 def unique_values(model, layers=None) -> dict:
     """Distinct values in each named layer's kernel (None: every weight layer)."""
-    return {name: int(np.unique(models.kernel(model, name)).size) for name in _clusterable(model, layers)}
+    return {name: int(np.unique(models.kernel(model, name)).size)
+            for name in _clusterable(model, layers)}
 
 
 def storage_table(model, layers=None) -> pd.DataFrame:
@@ -256,7 +289,8 @@ def storage_table(model, layers=None) -> pd.DataFrame:
     rest = measure.count_params(model)["params"] - clustered
     rows.append({"layer": "other parameters (float32)", "weights": rest, "unique_values": np.nan,
                  "index_bits": 32, "float32_bytes": rest * FLOAT32_BYTES,
-                 "codebook_index_bytes": rest * FLOAT32_BYTES, "entropy_coded_bytes": rest * FLOAT32_BYTES})
+                 "codebook_index_bytes": rest * FLOAT32_BYTES,
+                 "entropy_coded_bytes": rest * FLOAT32_BYTES})
     table = pd.DataFrame(rows).set_index("layer")
     table.loc["total"] = table.sum(numeric_only=True)
     table.loc["total", ["unique_values", "index_bits"]] = np.nan
@@ -264,24 +298,26 @@ def storage_table(model, layers=None) -> pd.DataFrame:
 
 
 def tflite_unique_values(path, min_size: int = 100) -> pd.DataFrame:
-    """Distinct values in the kernel of every conv and fully connected op of a .tflite file, by layer
-    (kernels with fewer than `min_size` values left out).
+    """Distinct values in the kernel of every conv and fully connected op of a .tflite file, by
+    layer (kernels with fewer than `min_size` values left out).
 
     The converter folds batch norm into the conv kernel, scaling each output channel by its
     own factor, so a clustered conv kernel reaches the file with up to k x channels values.
     """
-    rows = [{"layer": layer, "op": w["op"], "tensor": w["tensor"], "shape": tuple(w["values"].shape),
-             "unique_values": int(np.unique(w["values"]).size)}
+    rows = [{"layer": layer, "op": w["op"], "tensor": w["tensor"],
+             "shape": tuple(w["values"].shape), "unique_values": int(np.unique(w["values"]).size)}
             for layer, w in tflite.weights(path).items() if w["values"].size >= min_size]
-    return pd.DataFrame(rows, columns=["layer", "op", "tensor", "shape", "unique_values"]).set_index("layer")
+    columns = ["layer", "op", "tensor", "shape", "unique_values"]
+    return pd.DataFrame(rows, columns=columns).set_index("layer")
 
 
 def folding_and_codebooks(model, layer_name: str = "conv2", k: int = 16) -> pd.DataFrame:
-    """A conv kernel's codebook and batch-norm folding, three ways: tfmot's k-means++ start, then Lloyd.
+    """A conv kernel's codebook and batch-norm folding, three ways: tfmot's k-means++ start, then
+    Lloyd.
 
-    per tensor, folded after: notebook 03's clustering; folding scales each output channel by its
-    own factor, so the file's kernel holds up to k x channels values. folded first, per tensor:
-    notebook 07's pipeline clusters the kernel that deploys (k values). folded first, per channel:
+    per tensor, folded after: `cluster`'s way on the baseline; folding scales each output channel
+    by its own factor, so the file's kernel holds up to k x channels values. folded first, per
+    tensor: the pipeline clusters the kernel that deploys (k values). folded first, per channel:
     tfmot's remedy, cluster_per_channel=True, k values for each channel from the start. Errors
     are against the folded float kernel, the one the converter writes (no fine-tuning here).
     """
@@ -299,12 +335,13 @@ def folding_and_codebooks(model, layer_name: str = "conv2", k: int = 16) -> pd.D
         copy.get_layer(layer_name).kernel.assign(kernel)
         return models.kernel(folding.fold_batchnorm(copy), layer_name)
 
-    starts = {"per tensor, folded after (sections 2-3)": (model, False),
-              "folded first, per tensor (notebook 07)": (folded, False),
+    starts = {"per tensor, folded after (clustering.cluster)": (model, False),
+              "folded first, per tensor (the pipeline)": (folded, False),
               "folded first, per channel (cluster_per_channel=True)": (folded, True)}
     rows = []
     for way, (source, per_channel) in starts.items():
-        centroids = tfmot_layer_clusters(source, layer_name, k, per_channel=per_channel)["centroids"]
+        start = tfmot_layer_clusters(source, layer_name, k, per_channel=per_channel)
+        centroids = start["centroids"]
         clustered = lloyd(models.kernel(source, layer_name), centroids)
         deployed = fold_after(clustered) if source is model else clustered
         channels = deployed.reshape(-1, deployed.shape[-1]).T
@@ -316,39 +353,6 @@ def folding_and_codebooks(model, layer_name: str = "conv2", k: int = 16) -> pd.D
 
 
 def export_tflite(model, name: str, directory: Path = CLUSTERING_DIR) -> Path:
-    """A float32 .tflite of a stripped model (no converter optimizations: the weights stay float32)."""
+    """A float32 .tflite of a stripped model (no converter optimizations: the weights stay
+    float32)."""
     return models.save_tflite(model, Path(directory) / f"{name}.tflite")
-
-
-# ----------------------------------------------------------------------------- the targets
-
-def benchmark(k: int = 16, progress: bool = False, plan: models.FineTune = PLAN) -> dict:
-    """Print and return the chapter's targets, measured in one run: the test accuracy lost by
-    k clusters (LiteRT, float32 files) and how much smaller the gzipped file is."""
-    from labkit.data import load_mnist
-    splits = load_mnist()
-    baseline, _ = models.load_or_train_baseline(splits=splits, progress=progress)
-    clustered, record = cached_cluster(baseline, k, splits, plan, progress=progress)
-    paths = {"baseline": models.baseline_tflite(),
-             f"k={k}": export_tflite(clustered, f"clustered-k{k}-{models.weights_key(clustered)}")}
-    table, _ = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_test[:100],
-                                    reference="baseline", repeats=50)
-    base, clus = table.loc["baseline"], table.loc[f"k={k}"]
-    out = {"k": k, "baseline_test_accuracy": base["accuracy"], "clustered_test_accuracy": clus["accuracy"],
-           "accuracy_drop_points": 100 * (base["accuracy"] - clus["accuracy"]),
-           "baseline_gzip_bytes": int(base["gzip_bytes"]), "clustered_gzip_bytes": int(clus["gzip_bytes"]),
-           "gzip_smaller": float(clus["gzip_ratio"])}
-    print(f"machine: {machine.machine_string()}")
-    print(f"test accuracy: baseline {100 * out['baseline_test_accuracy']:.2f}%, {k} clusters "
-          f"{100 * out['clustered_test_accuracy']:.2f}% -> drop {out['accuracy_drop_points']:.2f} points "
-          f"(target <= {TARGET_DROP_POINTS:.2f}): "
-          f"{'met' if out['accuracy_drop_points'] <= TARGET_DROP_POINTS else 'MISSED'}")
-    print(f"gzipped .tflite: baseline {out['baseline_gzip_bytes']:,} B, {k} clusters "
-          f"{out['clustered_gzip_bytes']:,} B -> {out['gzip_smaller']:.2f}x smaller (target >= {TARGET_GZIP_SMALLER:g}x): "
-          f"{'met' if out['gzip_smaller'] >= TARGET_GZIP_SMALLER else 'MISSED'}")
-    return out
-
-
-if __name__ == "__main__":
-    labkit.setup(seed=0)
-    benchmark()

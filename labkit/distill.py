@@ -1,23 +1,10 @@
-"""Knowledge distillation: a small student learns from the baseline's softened logits (notebook 08).
+"""Knowledge distillation: a small student learns from the baseline's softened logits.
 
-Owns: the student (models.build_cnn without batch norm or dropout), the distillation loss, the
-teacher's logits, training a student (cached by models.cached, keyed by the settings and the
-teacher's weights), the temperature comparison and the distillation target (`verdict`: the
-distilled student beats the same student trained from labels). notebook 08 reads it.
-
-The teacher's logits, divided by a temperature T and passed through a softmax, say not only
-which digit an image is but how much it looks like each of the others (a 7 that is a bit of a
-1). The student is trained on a mix of the true label and that soft target:
-
-    loss = alpha * CE(label, student)  +  (1 - alpha) * T**2 * KL(teacher_T || student_T)
-
-where ``x_T = softmax(logits / T)`` (Keras's distillation example weighs the two terms the same
-way: alpha is the weight of the labels). The T**2 keeps the soft term's gradients the same size
-as T changes (they shrink as 1/T**2 otherwise). alpha = 1 is plain training from labels.
-
-Read top to bottom: settings, the loss (and its check against Keras' own losses), the
-teacher's logits (computed once and cached), training a student, the temperature sweep, the
-target, and ``benchmark()`` (``python -m labkit.distill``).
+Owns: the student (models.build_cnn without batch norm or dropout), the distillation loss
+(`distillation_loss`, checked against Keras' own losses), the teacher's logits (computed once,
+cached), training a student (cached by models.cached, keyed by the settings and the teacher's
+weights), the temperature comparison and the distillation target (`verdict`: the distilled
+student beats the same student trained from labels). `python -m labkit.targets.distill` measures it.
 """
 from __future__ import annotations
 
@@ -25,13 +12,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 import tf_keras as keras
 
-from labkit import machine
 from labkit import ARTIFACTS_DIR, measure, models
 
 DISTILL_DIR = ARTIFACTS_DIR / "distill"
@@ -40,19 +25,21 @@ MIN_MAC_RATIO = 4.0   # the student must need at least 4x fewer MACs than the te
 MIN_GAIN = 0.005      # the distilled student must beat the label-trained one by half a point (test)
 
 
-# ============================================================================ 1. settings
+# ============================================================================ settings
 
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
-            or not np.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0 (1 leaves the logits as they are, "
-                         f"larger values soften them), got {temperature!r}")
+    number = (not isinstance(temperature, bool)
+              and isinstance(temperature, (int, float, np.floating, np.integer)))
+    if not number or not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0 (1 leaves the logits as they "
+                         f"are, larger values soften them), got {temperature!r}")
     return float(temperature)
 
 
 def check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
-            or not 0.0 <= alpha <= 1.0:
+    number = (not isinstance(alpha, bool)
+              and isinstance(alpha, (int, float, np.floating, np.integer)))
+    if not number or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha is the weight of the labels' term, a number in [0, 1] "
                          f"(1: labels only, 0: teacher only), got {alpha!r}")
     return float(alpha)
@@ -60,7 +47,8 @@ def check_alpha(alpha) -> float:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """A student and how it is trained; its hash (with the teacher's weights) names the cache entry."""
+    """A student and how it is trained; its hash (with the teacher's weights) names the cache
+    entry."""
     conv_filters: tuple = (12, 24)   # the baseline's shape, thinner: 6.3x fewer MACs
     dense_units: int = 64
     temperature: float = 4.0
@@ -80,7 +68,9 @@ class StudentConfig:
     @property
     def name(self) -> str:
         width = "-".join(map(str, self.conv_filters)) + f"-{self.dense_units}"
-        return f"student-{width}-labels" if self.alpha == 1 else f"student-{width}-T{self.temperature:g}"
+        if self.alpha == 1:
+            return f"student-{width}-labels"
+        return f"student-{width}-T{self.temperature:g}"
 
 
 def build_student(config: StudentConfig = StudentConfig()) -> keras.Model:
@@ -93,25 +83,39 @@ def build_student(config: StudentConfig = StudentConfig()) -> keras.Model:
                             seed=config.seed, name="student_cnn")
 
 
-# ============================================================================ 2. the loss
+# ============================================================================ the loss
 
 def distillation_loss(labels, teacher_logits, student_logits, temperature: float = 4.0,
                       alpha: float = 0.1):
-    """Per-image loss: alpha * CE(labels) + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T))."""
+    """Per-image loss: alpha * CE(labels) + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T)).
+
+    The teacher's logits, divided by a temperature T and passed through a softmax, say not only
+    which digit an image is but how much it looks like each of the others (a 7 that is a bit of
+    a 1). The student is trained on a mix of the true label and that soft target:
+
+        loss = alpha * CE(label, student)  +  (1 - alpha) * T**2 * KL(teacher_T || student_T)
+
+    where ``x_T = softmax(logits / T)`` (Keras's distillation example weighs the two terms the
+    same way: alpha is the weight of the labels). The T**2 keeps the soft term's gradients the
+    same size as T changes (they shrink as 1/T**2 otherwise). alpha = 1 is plain training from
+    labels.
+    """
     temperature, alpha = check_temperature(temperature), check_alpha(alpha)
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     student_logits = tf.convert_to_tensor(student_logits, tf.float32)
     hard = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=student_logits)
     if alpha == 1.0:
         return hard
-    teacher_log_p = tf.nn.log_softmax(tf.convert_to_tensor(teacher_logits, tf.float32) / temperature)
+    teacher_logits = tf.convert_to_tensor(teacher_logits, tf.float32)
+    teacher_log_p = tf.nn.log_softmax(teacher_logits / temperature)
     student_log_p = tf.nn.log_softmax(student_logits / temperature)
     kl = tf.reduce_sum(tf.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
     return alpha * hard + (1.0 - alpha) * temperature ** 2 * kl
 
 
 def pack_targets(labels: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
-    """Keras hands a loss only (y_true, y_pred): the label goes in column 0, the teacher's logits after it."""
+    """Keras hands a loss only (y_true, y_pred): the label goes in column 0, the teacher's logits
+    after it."""
     return np.concatenate([np.asarray(labels, np.float32)[:, None],
                            np.asarray(teacher_logits, np.float32)], axis=1)
 
@@ -137,45 +141,49 @@ packed_accuracy.__name__ = "accuracy"   # the name the progress bar reads
 
 
 def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) in NumPy: what the student is asked to match (notebook 08 plots it)."""
+    """softmax(logits / T) in NumPy: what the student is asked to match (the book plots it)."""
     z = np.asarray(logits, np.float64) / check_temperature(temperature)
     z = z - z.max(axis=-1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=-1, keepdims=True)
 
 
-# ============================================================================ 3. the teacher's logits
+# ============================================================================ the teacher's logits
 
-def teacher_logits(teacher, x: np.ndarray, *, name: str = "train", directory: Path = DISTILL_DIR) -> np.ndarray:
-    """The teacher's logits on x, computed once (inference mode: no dropout) and cached as .npy
-    under the teacher's weights key."""
-    path = Path(directory) / f"teacher-logits-{models.weights_key(teacher)}-{name}-{len(x)}.npy"
-    if path.is_file():
-        return np.load(path)
-    logits = teacher.predict(x, batch_size=1000, verbose=0).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, logits)
-    tmp.replace(path)
+# The teacher's logits as a .npy file in the one cache (models.cached).
+NPY_STORE = models.Store(".npy", lambda logits, path: np.save(path, logits), np.load)
+
+
+def teacher_logits(teacher, x: np.ndarray, *, name: str = "train",
+                   directory: Path = DISTILL_DIR) -> np.ndarray:
+    """The teacher's logits on x, computed once (inference mode: no dropout) and cached by
+    models.cached as teacher-logits-<name>-<images>-<key>.npy (key: the teacher's weights)."""
+    def predict():
+        return teacher.predict(x, batch_size=1000, verbose=0).astype(np.float32), {}
+    logits, _ = models.cached(f"teacher-logits-{name}-{len(x)}", {"images": len(x)}, [teacher],
+                              predict, directory, kind=NPY_STORE)
     return logits
 
 
-# ============================================================================ 4. training a student
+# ============================================================================ training a student
 
-def fit_student(model, x, y, logits, config: StudentConfig, progress: bool = True, callbacks=()) -> dict:
+def fit_student(model, x, y, logits, config: StudentConfig, progress: bool = True,
+                callbacks=()) -> dict:
     """models.train on the distillation loss (deterministic, cosine decay); alpha=1 is labels only.
 
-    Any model with logits out can be the student: the search in notebook 08 fine-tunes its
-    factored, pruned variants with it.
+    Any model with logits out can be the student: the search fine-tunes its factored, pruned
+    variants with it.
     """
-    return models.train(model, x, pack_targets(y, logits), epochs=config.epochs, batch_size=config.batch_size,
-                        learning_rate=config.learning_rate, seed=config.seed, progress=progress,
-                        callbacks=list(callbacks), loss=DistillationLoss(config.temperature, config.alpha),
+    settings = models.TrainSettings(config.epochs, config.batch_size, config.learning_rate,
+                                    config.seed)
+    return models.train(model, x, pack_targets(y, logits), settings, progress=progress,
+                        callbacks=list(callbacks),
+                        loss=DistillationLoss(config.temperature, config.alpha),
                         metrics=[packed_accuracy], description=config.name)
 
 
-def load_or_train_student(config: StudentConfig, splits, teacher=None, *, directory: Path = DISTILL_DIR,
-                          progress: bool = True):
+def load_or_train_student(config: StudentConfig, splits, teacher=None, *,
+                          directory: Path = DISTILL_DIR, progress: bool = True):
     """The trained student and its record, from models.cached or trained now.
 
     A distilled student's entry is keyed by its settings and the teacher's weights (None: the
@@ -183,19 +191,23 @@ def load_or_train_student(config: StudentConfig, splits, teacher=None, *, direct
     """
     if config.alpha < 1 and teacher is None:
         teacher, _ = models.load_or_train_baseline()
-    x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]   # None: all
+    x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]  # None: all
 
     def train():
         if config.alpha < 1:
             logits = teacher_logits(teacher, x, directory=directory)
         else:
-            logits = np.zeros((len(x), NUM_CLASSES), np.float32)   # unused: alpha=1 reads only the labels
+            # unused: alpha=1 reads only the labels
+            logits = np.zeros((len(x), NUM_CLASSES), np.float32)
         model = build_student(config)
         fit = fit_student(model, x, y, logits, config, progress=progress)
-        return model, {**fit, "macs": measure.count_macs(model), "params": measure.count_params(model)["params"],
-                       "val_accuracy": measure.accuracy(measure.keras_call(model), splits.x_val, splits.y_val),
+        val_accuracy = measure.accuracy(measure.keras_call(model), splits.x_val, splits.y_val)
+        return model, {**fit, "macs": measure.count_macs(model),
+                       "params": measure.count_params(model)["params"],
+                       "val_accuracy": val_accuracy,
                        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return models.cached(config.name, asdict(config), [teacher] if config.alpha < 1 else [], train, directory)
+    teachers = [teacher] if config.alpha < 1 else []
+    return models.cached(config.name, asdict(config), teachers, train, directory)
 
 
 def mac_ratio(teacher, student) -> float:
@@ -211,7 +223,7 @@ def check_student_size(teacher, student) -> float:
     return ratio
 
 
-# ============================================================================ 5. comparisons
+# ============================================================================ comparisons
 
 def compare(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 4.0, 8.0),
             teacher=None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
@@ -221,28 +233,32 @@ def compare(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 
     """
     if teacher is None:
         teacher, _ = models.load_or_train_baseline()
-    configs = [replace(config, alpha=1.0)] + [replace(config, temperature=float(t)) for t in temperatures]
+    configs = [replace(config, alpha=1.0)] + [replace(config, temperature=float(t))
+                                              for t in temperatures]
     rows, students = [], {}
     for c in configs:
         model, record = load_or_train_student(c, splits, teacher, progress=progress)
         check_student_size(teacher, model)
         students[c.name] = model
         runner = measure.keras_call(model)
-        rows.append({"student": c.name, "alpha": c.alpha, "temperature": c.temperature if c.alpha < 1 else None,
+        rows.append({"student": c.name, "alpha": c.alpha,
+                     "temperature": c.temperature if c.alpha < 1 else None,
                      "val_accuracy": record["val_accuracy"],
                      "test_accuracy": measure.accuracy(runner, splits.x_test, splits.y_test),
                      "macs": record["macs"], "params": record["params"],
                      "train_seconds": round(record["train_seconds"], 1)})
+    runner = measure.keras_call(teacher)
     rows.append({"student": "teacher (baseline)", "alpha": None, "temperature": None,
-                 "val_accuracy": measure.accuracy(measure.keras_call(teacher), splits.x_val, splits.y_val),
-                 "test_accuracy": measure.accuracy(measure.keras_call(teacher), splits.x_test, splits.y_test),
-                 "macs": measure.count_macs(teacher), "params": measure.count_params(teacher)["params"],
-                 "train_seconds": None})
+                 "val_accuracy": measure.accuracy(runner, splits.x_val, splits.y_val),
+                 "test_accuracy": measure.accuracy(runner, splits.x_test, splits.y_test),
+                 "macs": measure.count_macs(teacher),
+                 "params": measure.count_params(teacher)["params"], "train_seconds": None})
     return pd.DataFrame(rows).set_index("student"), students
 
 
 def compare_seeds(splits, config: StudentConfig = StudentConfig(), temperatures=(1.0, 4.0, 8.0),
-                  seeds=(0,), teacher=None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                  seeds=(0,), teacher=None,
+                  progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """compare() once per seed (each student trained, or read from the cache, once per seed).
 
     Returns (table, runs, students): `table` is compare()'s with the accuracies averaged over the
@@ -251,7 +267,8 @@ def compare_seeds(splits, config: StudentConfig = StudentConfig(), temperatures=
     """
     per_seed, students = [], None
     for seed in seeds:
-        table, found = compare(splits, replace(config, seed=int(seed)), temperatures, teacher, progress)
+        table, found = compare(splits, replace(config, seed=int(seed)), temperatures, teacher,
+                               progress)
         per_seed.append(table.assign(seed=int(seed)))
         students = found if students is None else students
     runs = pd.concat(per_seed)
@@ -262,37 +279,19 @@ def compare_seeds(splits, config: StudentConfig = StudentConfig(), temperatures=
 
 
 def export_tflite(model, config: StudentConfig, directory: Path = DISTILL_DIR) -> Path:
-    """A float32 .tflite of a trained student (models.cached: written once per student's weights)."""
-    path, _ = models.cached(config.name, {"format": "float32"}, [model], lambda: (model, {}), directory,
-                            kind="tflite")
+    """A float32 .tflite of a trained student (models.cached: written once per student's
+    weights)."""
+    path, _ = models.cached(config.name, {"format": "float32"}, [model], lambda: (model, {}),
+                            directory, kind="tflite")
     return path
 
 
 def verdict(table: pd.DataFrame, config: StudentConfig = StudentConfig()) -> pd.DataFrame:
-    """The targets, from compare()'s table: the student needs >= MIN_MAC_RATIO x fewer MACs than the
-    teacher, and distilled at config's temperature it beats the label-trained one by >= MIN_GAIN."""
+    """The targets, from compare()'s table: the student needs >= MIN_MAC_RATIO x fewer MACs than
+    the teacher, and distilled at config's temperature it beats the label-trained one by
+    >= MIN_GAIN."""
     labels, student = table.loc[replace(config, alpha=1.0).name], table.loc[config.name]
+    gain = student["test_accuracy"] - labels["test_accuracy"]
     measured = {"teacher / student MACs": table.loc["teacher (baseline)", "macs"] / student["macs"],
-                "distilled minus labels-only test accuracy": student["test_accuracy"] - labels["test_accuracy"]}
+                "distilled minus labels-only test accuracy": gain}
     return measure.verdicts(measured, dict(zip(measured, (MIN_MAC_RATIO, MIN_GAIN))))
-
-
-# ============================================================================ 6. benchmark
-
-def benchmark(config: StudentConfig = StudentConfig(), progress: bool = False) -> pd.DataFrame:
-    """Print the students and the targets (verdict): the distilled student beats the label-trained one."""
-    from labkit.data import load_mnist
-    splits = load_mnist()
-    table, _ = compare(splits, config, temperatures=(config.temperature,), progress=progress)
-    print(f"machine: {machine.machine_string()}")
-    with pd.option_context("display.width", 200):
-        print(table.to_string())
-    for _, row in verdict(table, config).iterrows():
-        print(f"[{'met   ' if row['met'] else 'MISSED'}] {row['figure']}: {row['measured']:.4f} "
-              f"(target >= {row['target']:g})")
-    return table
-
-
-if __name__ == "__main__":
-    labkit.setup()
-    benchmark()

@@ -19,7 +19,8 @@ def check_clusters(k, n_weights: int, where: str = "the weights") -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"the number of clusters k must be an integer, got {k!r}")
     if k < 2:
-        raise ValueError(f"k={k} clusters: k must be at least 2 (one shared value throws the layer away)")
+        raise ValueError(f"k={k} clusters: k must be at least 2 "
+                         "(one shared value throws the layer away)")
     if k > n_weights:
         raise ValueError(f"k={k} clusters is more than the {n_weights} weights of {where}: "
                          f"choose 2 <= k <= {n_weights}")
@@ -32,7 +33,8 @@ def check_init(init: str) -> str:
     return init
 
 
-def init_centroids(weights: np.ndarray, k: int, init: str = "kmeans++", seed: int = 0) -> np.ndarray:
+def init_centroids(weights: np.ndarray, k: int, init: str = "kmeans++",
+                   seed: int = 0) -> np.ndarray:
     """k starting centroids (sorted, float64) from the flattened weights."""
     w = np.asarray(weights, np.float64).ravel()
     k = check_clusters(k, w.size)
@@ -40,7 +42,8 @@ def init_centroids(weights: np.ndarray, k: int, init: str = "kmeans++", seed: in
     if init == "linear":      # evenly spaced between the smallest and the largest weight
         return np.linspace(w.min(), w.max(), k)
     if init == "density":     # equal steps in probability: many centroids where weights crowd
-        # tfmot's probability levels, so the two can be compared; p = 1 puts one at the largest weight.
+        # tfmot's probability levels, so the two can be compared; p = 1 puts one at the largest
+        # weight.
         return np.quantile(w, np.linspace(0.01, 1.0, k), method="inverted_cdf")
     # k-means++: each next centroid drawn with probability proportional to the squared
     # distance to the nearest centroid chosen so far, so far-away weights get a centroid.
@@ -94,8 +97,8 @@ class Codebook:
         return self.k * FLOAT32_BYTES + math.ceil(self.indices.size * self.index_bits() / 8)
 
 
-def kmeans(weights: np.ndarray, k: int, init: str = "kmeans++", iterations: int = 100, seed: int = 0, *,
-           centroids: np.ndarray | None = None, tol: float = 1e-9) -> Codebook:
+def kmeans(weights: np.ndarray, k: int, init: str = "kmeans++", iterations: int = 100,
+           seed: int = 0, *, centroids: np.ndarray | None = None, tol: float = 1e-9) -> Codebook:
     """Lloyd's k-means on the scalar weights: assign to the nearest centroid, move each centroid
     to the mean of its weights, repeat. Neither step can raise the squared error.
 
@@ -106,13 +109,15 @@ def kmeans(weights: np.ndarray, k: int, init: str = "kmeans++", iterations: int 
     k = check_clusters(k, flat.size)
     if centroids is not None and len(centroids) != k:
         raise ValueError(f"got {len(centroids)} starting centroids for k={k} clusters")
-    c = np.sort(np.asarray(centroids, np.float64)) if centroids is not None else init_centroids(flat, k, init, seed)
+    c = (np.sort(np.asarray(centroids, np.float64)) if centroids is not None
+         else init_centroids(flat, k, init, seed))
     history = []
     for _ in range(iterations):
         idx = assign(flat, c)
         counts = np.bincount(idx, minlength=k)
         sums = np.bincount(idx, weights=flat, minlength=k)
-        # An empty cluster keeps its centroid (a duplicate start, as tfmot's density start, leaves one empty).
+        # An empty cluster keeps its centroid (a duplicate start, as tfmot's density start, leaves
+        # one empty).
         new = np.where(counts > 0, sums / np.maximum(counts, 1), c)
         history.append(float(np.mean((flat - c[idx]) ** 2)))
         moved = np.max(np.abs(new - c))

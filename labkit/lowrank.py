@@ -1,22 +1,10 @@
-"""Low-rank factorization: one layer becomes two thinner ones from a truncated SVD (notebook 08).
+"""Low-rank factorization: one layer becomes two thinner ones from a truncated SVD.
 
-Owns: the SVD factors, rebuilding a chain model with factored layers, the one-shot rank sweep
-and the fine-tune of the chosen ranks (models.fine_tune, cached by models.cached keyed by the
-input model's weights). notebook 08 reads it; the search (labkit/search.py) starts from its model.
-
-A Dense kernel W (n_in x n_out) of rank r is the product of an n_in x r and an r x n_out
-matrix: two Dense layers with r units between them, costing r * (n_in + n_out) weights and
-MACs instead of n_in * n_out. The singular value decomposition W = U S V^T gives the best
-such pair for every r at once (Eckart-Young): keep the r largest singular values.
-
-A k x k convolution factors the same way once its kernel K[a, b, c, o] is read as a matrix
-M[(a, c), (b, o)] (rows: kernel row and input channel; columns: kernel column and output
-channel). A rank-r factor of M is a k x 1 convolution to r channels followed by a 1 x k
-convolution to the output channels (a *spatial* factorization); at full rank the pair computes
-exactly the original convolution, zero padding included.
-
-Read top to bottom: the factors (NumPy), rebuilding a model with factorized layers, the rank
-sweep, fine-tuning the chosen ranks, and ``benchmark()`` (``python -m labkit.lowrank``).
+Owns: the SVD factors (`svd_factors` for a Dense kernel, `spatial_factors` for a convolution),
+rebuilding a chain model with factored layers (`factorize`), the one-shot rank sweep and the
+fine-tune of the chosen ranks (models.fine_tune, cached by models.cached keyed by the input
+model's weights). The search (labkit.search) starts from its model;
+`python -m labkit.targets.lowrank` measures it against the baseline.
 """
 from __future__ import annotations
 
@@ -24,45 +12,54 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 import tf_keras as keras
 
-from labkit import machine
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 from labkit import ARTIFACTS_DIR, measure, models
 
 LOWRANK_DIR = ARTIFACTS_DIR / "lowrank"
-BOOK_RANKS = {"conv2": 16, "dense1": 16}   # what notebook 08 chooses from its rank sweep
+BOOK_RANKS = {"conv2": 16, "dense1": 16}   # what the book chooses from its rank sweep
 
 
-# ============================================================================ 1. the factors
+# ============================================================================ the factors
 
 def full_rank(layer) -> int:
-    """The largest rank a factorization of this Dense or Conv2D layer can have (exact at that rank)."""
+    """The largest rank a factorization of this Dense or Conv2D layer can have (exact at that
+    rank)."""
     kernel = layer.get_weights()[0]
     if isinstance(layer, keras.layers.Dense):
         return int(min(kernel.shape))
     if isinstance(layer, keras.layers.Conv2D):
         kh, kw, c_in, c_out = kernel.shape
         return int(min(kh * c_in, kw * c_out))
-    raise ValueError(f"layer {layer.name!r} is a {type(layer).__name__}; only Dense and Conv2D factor")
+    raise ValueError(f"layer {layer.name!r} is a {type(layer).__name__}; "
+                     "only Dense and Conv2D factor")
 
 
 def check_rank(rank, maximum: int, where: str) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= maximum:
+    whole = not isinstance(rank, bool) and isinstance(rank, (int, np.integer))
+    if not whole or not 1 <= rank <= maximum:
         raise ValueError(f"rank of {where} must be a whole number from 1 to {maximum} "
                          f"(its full rank), got {rank!r}")
     return int(rank)
 
 
 def svd_factors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(A, B) with A @ B the best rank-`rank` approximation of `matrix`; sqrt(S) goes to each side."""
+    """(A, B) with A @ B the best rank-`rank` approximation of `matrix`; sqrt(S) goes to each side.
+
+    A Dense kernel W (n_in x n_out) of rank r is the product of an n_in x r and an r x n_out
+    matrix: two Dense layers with r units between them, costing r * (n_in + n_out) weights and
+    MACs instead of n_in * n_out. The singular value decomposition W = U S V^T gives the best
+    such pair for every r at once (Eckart-Young): keep the r largest singular values.
+    """
     matrix = np.asarray(matrix, np.float64)
     rank = check_rank(rank, min(matrix.shape), f"a {matrix.shape[0]}x{matrix.shape[1]} matrix")
     u, s, vt = np.linalg.svd(matrix, full_matrices=False)
     root = np.sqrt(s[:rank])
-    return (u[:, :rank] * root).astype(np.float32), (root[:, None] * vt[:rank]).astype(np.float32)
+    first, second = u[:, :rank] * root, root[:, None] * vt[:rank]
+    return first.astype(np.float32), second.astype(np.float32)
 
 
 def conv_as_matrix(kernel: np.ndarray) -> np.ndarray:
@@ -72,7 +69,14 @@ def conv_as_matrix(kernel: np.ndarray) -> np.ndarray:
 
 
 def spatial_factors(kernel: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Kernels of a (kh x 1, c_in -> rank) and a (1 x kw, rank -> c_out) convolution."""
+    """Kernels of a (kh x 1, c_in -> rank) and a (1 x kw, rank -> c_out) convolution.
+
+    A k x k convolution factors as a Dense kernel does once its kernel K[a, b, c, o] is read as a
+    matrix M[(a, c), (b, o)] (rows: kernel row and input channel; columns: kernel column and
+    output channel). A rank-r factor of M is a k x 1 convolution to r channels followed by a
+    1 x k convolution to the output channels (a *spatial* factorization); at full rank the pair
+    computes exactly the original convolution, zero padding included.
+    """
     kh, kw, c_in, c_out = kernel.shape
     check_rank(rank, min(kh * c_in, kw * c_out), f"a {kh}x{kw} convolution {c_in}->{c_out}")
     a, b = svd_factors(conv_as_matrix(kernel), rank)
@@ -88,7 +92,7 @@ def singular_values(layer) -> np.ndarray:
     return np.linalg.svd(matrix, compute_uv=False)
 
 
-# ============================================================================ 2. rebuilding the model
+# ============================================================================ rebuilding the model
 
 def _factor_pair(layer, rank: int) -> list:
     """The two layers that replace `layer` at `rank`, with their weights."""
@@ -103,7 +107,8 @@ def _factor_pair(layer, rank: int) -> list:
     else:
         if tuple(config["strides"]) != (1, 1) or tuple(config["dilation_rate"]) != (1, 1) \
                 or config.get("groups", 1) != 1:
-            raise ValueError(f"{layer.name}: only stride 1, dilation 1, groups 1 convolutions are factored here")
+            raise ValueError(f"{layer.name}: only stride 1, dilation 1, groups 1 convolutions "
+                             "are factored here")
         a, b = spatial_factors(weights[0], rank)
         kh, kw = config["kernel_size"]
         first = keras.layers.Conv2D(rank, (kh, 1), padding=config["padding"], use_bias=False,
@@ -147,13 +152,15 @@ def describe(model) -> dict:
     return {"params": measure.count_params(model)["params"], "macs": measure.count_macs(model)}
 
 
-# ============================================================================ 3. the rank sweep
+# ============================================================================ the rank sweep
 
 def rank_sweep(model, x_val, y_val, ranks_by_layer: dict, progress: bool = True) -> pd.DataFrame:
-    """One layer factored at a time, no fine-tuning: validation accuracy, params and MACs per rank."""
+    """One layer factored at a time, no fine-tuning: validation accuracy, params and MACs per
+    rank."""
     jobs = [(layer, r) for layer, ranks in ranks_by_layer.items() for r in ranks]
     rows = [{"layer": "(none)", "rank": None, "full_rank": None,
-             "val_accuracy": measure.accuracy(measure.keras_call(model), x_val, y_val), **describe(model)}]
+             "val_accuracy": measure.accuracy(measure.keras_call(model), x_val, y_val),
+             **describe(model)}]
     for layer, rank in labkit.progress_bar(jobs, desc="rank sweep", disable=not progress):
         factored = factorize(model, {layer: rank})
         rows.append({"layer": layer, "rank": rank, "full_rank": full_rank(model.get_layer(layer)),
@@ -165,16 +172,18 @@ def rank_sweep(model, x_val, y_val, ranks_by_layer: dict, progress: bool = True)
 
 
 def choose_rank(sweep: pd.DataFrame, layer: str, max_drop: float) -> int:
-    """The smallest swept rank of `layer` whose one-shot validation drop is at most `max_drop`."""
+    """The smallest swept rank of `layer` whose one-shot validation drop is at most
+    `max_drop`."""
     if not 0.0 <= max_drop <= 1.0:
         raise ValueError(f"max_drop is an accuracy fraction in [0, 1], got {max_drop}")
     rows = sweep[(sweep["layer"] == layer) & (sweep["drop"] <= max_drop)]
     if rows.empty:
-        raise ValueError(f"no swept rank of {layer} stays within a drop of {max_drop}; sweep larger ranks")
+        raise ValueError(f"no swept rank of {layer} stays within a drop of {max_drop}; "
+                         "sweep larger ranks")
     return int(rows["rank"].min())
 
 
-# ============================================================================ 4. fine-tuning the chosen ranks
+# ===================================================================== fine-tuning the chosen ranks
 
 def load_or_fine_tune(model, ranks: dict, splits, plan: models.FineTune = models.FineTune(), *,
                       directory: Path = LOWRANK_DIR, progress: bool = True):
@@ -188,40 +197,16 @@ def load_or_fine_tune(model, ranks: dict, splits, plan: models.FineTune = models
         factored = factorize(model, ranks)
         one_shot = measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val)
         fit = models.fine_tune(factored, splits, plan, progress=progress, description=name)
-        return factored, {"name": name, "train_seconds": fit["train_seconds"], "one_shot_val_accuracy": one_shot,
-                          "val_accuracy": measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val),
+        val_accuracy = measure.accuracy(measure.keras_call(factored), splits.x_val, splits.y_val)
+        return factored, {"name": name, "train_seconds": fit["train_seconds"],
+                          "one_shot_val_accuracy": one_shot, "val_accuracy": val_accuracy,
                           **describe(factored), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return models.cached(name, {"ranks": dict(sorted(ranks.items())), "plan": asdict(plan)}, [model], tune,
-                         directory)
+    settings = {"ranks": dict(sorted(ranks.items())), "plan": asdict(plan)}
+    return models.cached(name, settings, [model], tune, directory)
 
 
 def export_tflite(model, name: str, directory: Path = LOWRANK_DIR) -> Path:
     """Float32 .tflite of a (factored) model, written once per model's weights (models.cached)."""
-    path, _ = models.cached(name, {"format": "float32"}, [model], lambda: (model, {}), directory, kind="tflite")
+    path, _ = models.cached(name, {"format": "float32"}, [model], lambda: (model, {}), directory,
+                            kind="tflite")
     return path
-
-
-# ============================================================================ 5. benchmark
-
-def benchmark(ranks: dict = BOOK_RANKS, repeats: int = 300, threads: int = 1) -> pd.DataFrame:
-    """Fine-tuned low-rank model against the baseline: accuracy, size, MACs, LiteRT latency (one run)."""
-    from labkit.data import load_mnist
-    splits = load_mnist()
-    baseline, _ = models.load_or_train_baseline()
-    tuned, record = load_or_fine_tune(baseline, ranks, splits, progress=False)
-    paths = {"baseline float32": models.baseline_tflite(),
-             f"{record['name']} float32": export_tflite(tuned, record["name"])}
-    table, _ = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_val[:200],
-                                    reference="baseline float32", repeats=repeats, threads=threads)
-    table = table.drop(columns=["artifact"]).join(pd.DataFrame([describe(baseline), describe(tuned)], index=table.index))
-    print(f"machine: {machine.machine_string()}")
-    print(table.round(4).to_string())
-    base, low = table.iloc[0], table.iloc[1]
-    print(f"MACs {base['macs'] / low['macs']:.2f}x fewer, params {base['params'] / low['params']:.2f}x fewer, "
-          f"LiteRT p50 {low['speedup_p50']:.2f}x faster, test accuracy {low['accuracy']:.4f} vs {base['accuracy']:.4f}")
-    return table
-
-
-if __name__ == "__main__":
-    labkit.setup()
-    benchmark()

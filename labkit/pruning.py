@@ -1,45 +1,51 @@
-"""Unstructured pruning: masks, schedules, prune + fine-tune + strip, sensitivity, 2:4, XNNPACK (notebook 02).
+"""Unstructured pruning: masks, schedules, prune + fine-tune + strip, sensitivity, 2:4, XNNPACK.
 
 Owns THE magnitude mask (checked against tfmot's), tfmot's schedules, THE prune + fine-tune +
-strip (`prune`, on models.fine_tune), the one-shot per-layer sensitivity sweep and the targets
-derived from it, 2:4 checks and XNNPACK's sparse path. Notebook 02 reads it top to bottom;
-filter removal is labkit.structured's; `python -m labkit.pruning` prints the notebook's targets.
+strip (`prune`, on models.fine_tune, set by a `PruneSettings`), the one-shot per-layer
+sensitivity sweep and the targets derived from it, 2:4 checks and XNNPACK's sparse path.
+Filter removal is labkit.structured's; `python -m labkit.targets.pruning` measures the targets.
 Only kernels are pruned: biases and batch-norm parameters (0.2% of the baseline's) stay dense.
 """
 from __future__ import annotations
 
+import io
 import platform
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
 import pandas as pd
 
-tf = labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines, when run as a script
-import tensorflow_model_optimization as tfmot
-import tf_keras as keras
-# The wrapper class is not exported by tfmot's public API; its own callbacks import it from here.
-from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 
-from labkit import machine
-from labkit import ARTIFACTS_DIR, measure, models, tflite
+tf = labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines
+import tensorflow_model_optimization as tfmot  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+# The wrapper class is not exported by tfmot's public API; its own callbacks import it from here.
+from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (  # noqa: E402
+    PruneLowMagnitude,
+)
+
+from labkit import ARTIFACTS_DIR, measure, models, tflite  # noqa: E402
 
 PRUNING_DIR = ARTIFACTS_DIR / "pruning"
 SCHEDULES = ("polynomial", "constant")
 SWEEP_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 sparsity_api = tfmot.sparsity.keras
+NUMBERS = (int, float, np.floating, np.integer)
 
 
-# ----------------------------------------------------------------------------- 1. checks
+# ----------------------------------------------------------------------------- checks
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
-    """A sparsity is the fraction of weights set to zero: 0 <= sparsity < 1 (1 would remove everything)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating, np.integer)):
+    """A sparsity is the fraction of weights set to zero, in [0, 1) (1 would remove them all)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, NUMBERS):
         raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1) (the fraction of weights set to zero), got {sparsity}")
+        raise ValueError(f"{name} must be in [0, 1) (the fraction of weights set to zero), "
+                         f"got {sparsity}")
     return float(sparsity)
 
 
@@ -49,7 +55,8 @@ def check_layers(model, names=None) -> list[str]:
     names = allowed if names is None else [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ValueError(f"unknown layer name(s) {unknown}: the prunable layers of {model.name} are {allowed}")
+        raise ValueError(f"unknown layer name(s) {unknown}: the prunable layers of {model.name} "
+                         f"are {allowed}")
     return names
 
 
@@ -65,7 +72,7 @@ def layer_sparsity(model, layers=None) -> pd.DataFrame:
     return table
 
 
-# ----------------------------------------------------------------------------- 2. masks from scratch
+# ----------------------------------------------------------------------------- masks from scratch
 
 def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
     """True for the weights kept: the round(n * (1 - sparsity)) largest magnitudes (at least one).
@@ -75,14 +82,16 @@ def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
     """
     check_sparsity(sparsity)
     magnitudes = np.abs(weights)
-    keep = max(int(np.round(np.float32(magnitudes.size) * (np.float32(1) - np.float32(sparsity)))), 1)
+    kept = np.round(np.float32(magnitudes.size) * (np.float32(1) - np.float32(sparsity)))
+    keep = max(int(kept), 1)
     threshold = np.partition(magnitudes.ravel(), magnitudes.size - keep)[magnitudes.size - keep]
     return magnitudes >= threshold
 
 
 def layer_masks(model, sparsity) -> dict:
     """One threshold per layer: each layer loses the same fraction (a float) or its own (a dict)."""
-    targets = sparsity if isinstance(sparsity, dict) else dict.fromkeys(check_layers(model), sparsity)
+    targets = (sparsity if isinstance(sparsity, dict)
+               else dict.fromkeys(check_layers(model), sparsity))
     check_layers(model, targets)
     return {name: magnitude_mask(models.kernel(model, name), s) for name, s in targets.items()}
 
@@ -108,16 +117,20 @@ def apply_masks(model, masks: dict):
 
 
 def tfmot_masks(model, sparsity) -> dict:
-    """The masks tfmot computes for `model`'s current weights, without training: each layer wrapped with
-    ConstantSparsity(sparsity, begin_step=0), its step set to 0, tfmot's mask update run once. tfmot has no
-    public "compute the mask now" call (it updates masks only inside a training step), so this reaches in."""
-    targets = sparsity if isinstance(sparsity, dict) else {n: sparsity for n in models.weight_layers(model)}
+    """The masks tfmot computes for `model`'s current weights, without training.
+
+    Each layer is wrapped with ConstantSparsity(sparsity, begin_step=0), its step set to 0 and
+    tfmot's mask update run once. tfmot has no public "compute the mask now" call (it updates
+    masks only inside a training step), so this reaches in.
+    """
+    targets = (sparsity if isinstance(sparsity, dict)
+               else {n: sparsity for n in models.weight_layers(model)})
     wrapped = wrap(model, {name: constant_schedule(s, frequency=1) for name, s in targets.items()})
     wrapped(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)  # build the masks
     masks = {}
     for layer in (layer for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude)):
         layer.pruning_step.assign(0)
-        layer.pruning_obj.conditional_mask_update()   # what the wrapper's call runs in a training step
+        layer.pruning_obj.conditional_mask_update()   # what the wrapper runs in a training step
         masks[layer.layer.name] = layer.pruning_vars[0][1].numpy().astype(bool)
     return masks
 
@@ -125,20 +138,22 @@ def tfmot_masks(model, sparsity) -> dict:
 def mask_sparsity(masks: dict) -> pd.Series:
     """Fraction of zeros per mask, and over all masks together."""
     out = {name: 1 - m.mean() for name, m in masks.items()}
-    out["all kernels"] = 1 - sum(m.sum() for m in masks.values()) / sum(m.size for m in masks.values())
+    kept, total = sum(m.sum() for m in masks.values()), sum(m.size for m in masks.values())
+    out["all kernels"] = 1 - kept / total
     return pd.Series(out, name="sparsity")
 
 
-# ----------------------------------------------------------------------------- 3. tfmot: schedules, prune
+# ------------------------------------------------------------------------ tfmot: schedules, prune
 
 def constant_schedule(sparsity: float, begin_step: int = 0, frequency: int = 10):
     """Jump to `sparsity` at begin_step and re-prune to it every `frequency` steps."""
-    return sparsity_api.ConstantSparsity(check_sparsity(sparsity), begin_step=begin_step, frequency=frequency)
+    return sparsity_api.ConstantSparsity(check_sparsity(sparsity), begin_step=begin_step,
+                                         frequency=frequency)
 
 
 def polynomial_schedule(sparsity: float, end_step: int, begin_step: int = 0, frequency: int = 10,
                         initial_sparsity: float = 0.0):
-    """Ramp from initial_sparsity to `sparsity` along a cubic curve between begin_step and end_step."""
+    """Ramp from initial_sparsity to `sparsity` on a cubic curve from begin_step to end_step."""
     return sparsity_api.PolynomialDecay(check_sparsity(initial_sparsity, "initial_sparsity"),
                                         check_sparsity(sparsity), begin_step=begin_step,
                                         end_step=end_step, frequency=frequency)
@@ -154,9 +169,12 @@ def schedule_curve(schedule, steps: int) -> pd.DataFrame:
 
 
 def wrap(model, schedules, layers=None, m_by_n=None):
-    """A copy of `model` whose chosen layers are wrapped by tfmot's prune_low_magnitude: one schedule for
-    `layers` (None: every weight layer) or {layer: schedule} (None: left unwrapped). The model is cloned
-    first because tfmot's wrappers reuse the layer objects they wrap."""
+    """A copy of `model` whose chosen layers are wrapped by tfmot's prune_low_magnitude.
+
+    One schedule for `layers` (None: every weight layer) or {layer: schedule} (None: left
+    unwrapped). The model is cloned first because tfmot's wrappers reuse the layer objects they
+    wrap.
+    """
     if isinstance(schedules, dict):
         check_layers(model, schedules)
         per_layer = {name: s for name, s in schedules.items() if s is not None}
@@ -165,7 +183,8 @@ def wrap(model, schedules, layers=None, m_by_n=None):
         per_layer = {name: schedules for name in names}
     if m_by_n is not None:
         if not 0 < m_by_n[0] < m_by_n[1]:
-            raise ValueError(f"m_by_n=(m, n) means m zeros in every n weights, so 0 < m < n; got {m_by_n}")
+            raise ValueError(f"m_by_n=(m, n) means m zeros in every n weights, so 0 < m < n; "
+                             f"got {m_by_n}")
     source = models.clone_with_weights(model)
 
     def clone_function(layer):
@@ -181,13 +200,14 @@ def strip(model):
     """The plain Keras model inside the wrappers: masked weights, no mask variables.
 
     tfmot's strip_pruning hands back layers still shared with the wrapped model (a layer in two
-    graphs breaks whatever reads its output later), so the result is cloned into a model of its own.
+    graphs breaks whatever reads its output later), so the result is cloned into a model of its
+    own.
     """
     return models.clone_with_weights(sparsity_api.strip_pruning(model))
 
 
 def sparsity_trace(wrapped, rows: list, every: int = 5):
-    """A callback appending every wrapped layer's mask sparsity to `rows` each `every` training steps."""
+    """A callback adding each wrapped layer's mask sparsity to `rows` every `every` steps."""
     def record(batch, logs=None):
         step = int(wrapped.optimizer.iterations.numpy())
         if step % every == 0 or step == 1:
@@ -197,57 +217,77 @@ def sparsity_trace(wrapped, rows: list, every: int = 5):
     return keras.callbacks.LambdaCallback(on_train_batch_end=record)
 
 
-def prune(model, targets, splits, plan: models.FineTune, *, schedule: str = "polynomial", ramp: float = 0.6,
-          frequency: int | None = None, layers=None, m_by_n=None, progress: bool = True, callbacks=()):
-    """Magnitude-prune a copy of `model` while fine-tuning it by `plan`, then strip: (model, record).
+@dataclass(frozen=True)
+class PruneSettings:
+    """What `prune` does; `cached_prune` keys its entry by these and the input model's weights.
 
     `targets`: {layer: sparsity} (0: left dense) or one sparsity for `layers` (None: every weight
-    layer). "polynomial" ramps each layer from 0 to its target, reached `ramp` of the way through
-    the steps so the rest can recover; "constant" asks for it from step 0. Masks are updated every
-    `frequency` steps (None: a twentieth of them); m_by_n=(2, 4): 2 zeros in every 4 inputs. The
-    record is models.fine_tune's plus the settings and a sparsity trace. `cached_prune` caches it.
+    layer). `plan`: the fine-tune (models.FineTune). "polynomial" ramps each layer from 0 to its
+    target, reached `ramp` of the way through the steps so the rest can recover; "constant" asks
+    for it from step 0. Masks are updated every `frequency` steps (None: a twentieth of them);
+    m_by_n=(2, 4): 2 zeros in every 4 inputs.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not 0.0 < ramp <= 1.0:
-        raise ValueError(f"ramp is the fraction of the steps at which the target is reached, in (0, 1]; got {ramp}")
-    if isinstance(targets, dict) and layers is not None:
-        raise ValueError("per-layer targets name their layers already: pass layers only with one sparsity")
+    targets: float | dict
+    plan: models.FineTune
+    schedule: str = "polynomial"
+    ramp: float = 0.6
+    frequency: int | None = None
+    layers: tuple | list | None = None
+    m_by_n: tuple | None = None
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 < self.ramp <= 1.0:
+            raise ValueError(f"ramp is the fraction of the steps at which the target is reached, "
+                             f"in (0, 1]; got {self.ramp}")
+        if isinstance(self.targets, dict) and self.layers is not None:
+            raise ValueError("per-layer targets name their layers already: pass layers only with "
+                             "one sparsity")
+
+
+def prune(model, settings: PruneSettings, splits, *, progress: bool = True, callbacks=()):
+    """Magnitude-prune a copy of `model` while fine-tuning it by settings.plan, then strip.
+
+    Returns (model, record): models.fine_tune's record plus the settings and a sparsity trace.
+    `cached_prune` caches it.
+    """
+    s = settings
+    targets = s.targets
     if not isinstance(targets, dict):
-        targets = dict.fromkeys(models.weight_layers(model) if layers is None else layers, targets)
-    targets = {name: check_sparsity(s, f"the sparsity of {name}") for name, s in targets.items()}
+        targets = dict.fromkeys(models.weight_layers(model) if s.layers is None else s.layers,
+                                targets)
+    targets = {name: check_sparsity(v, f"the sparsity of {name}") for name, v in targets.items()}
     check_layers(model, targets)
-    steps = plan.steps(len(splits.x_train))
-    frequency = max(steps // 20, 1) if frequency is None else int(frequency)
+    steps = s.plan.steps(len(splits.x_train))
+    frequency = max(steps // 20, 1) if s.frequency is None else int(s.frequency)
 
-    def schedule_for(s):
-        if schedule == "constant":
-            return constant_schedule(s, frequency=frequency)
-        return polynomial_schedule(s, end_step=max(int(ramp * steps), 1), frequency=frequency)
+    def schedule_for(sparsity):
+        if s.schedule == "constant":
+            return constant_schedule(sparsity, frequency=frequency)
+        return polynomial_schedule(sparsity, end_step=max(int(s.ramp * steps), 1),
+                                   frequency=frequency)
 
-    wrapped = wrap(model, {name: schedule_for(s) if s > 0 else None for name, s in targets.items()},
-                   m_by_n=m_by_n)
+    wrapped = wrap(model, {name: schedule_for(v) if v > 0 else None for name, v in targets.items()},
+                   m_by_n=s.m_by_n)
     trace = []
-    # UpdatePruningStep advances the wrappers' step counter: without it tfmot stops on the first batch
+    # UpdatePruningStep advances the wrappers' step counter: without it tfmot stops on batch one
     callbacks = [sparsity_api.UpdatePruningStep(), sparsity_trace(wrapped, trace), *callbacks]
-    record = models.fine_tune(wrapped, splits, plan, callbacks=callbacks, progress=progress, description="prune")
-    record.update(targets=targets, schedule=schedule, ramp=ramp, frequency=frequency,
-                  m_by_n=None if m_by_n is None else list(m_by_n), trace=trace)
+    record = models.fine_tune(wrapped, splits, s.plan, callbacks=callbacks, progress=progress,
+                              description="prune")
+    record.update(targets=targets, schedule=s.schedule, ramp=s.ramp, frequency=frequency,
+                  m_by_n=None if s.m_by_n is None else list(s.m_by_n), trace=trace)
     return strip(wrapped), record
 
 
-def cached_prune(name: str, model, targets, splits, plan: models.FineTune, *, schedule: str = "polynomial",
-                 ramp: float = 0.6, frequency: int | None = None, layers=None, m_by_n=None,
+def cached_prune(name: str, model, settings: PruneSettings, splits, *,
                  directory: Path = PRUNING_DIR, progress: bool = True):
-    """`prune` through models.cached: the entry's key covers every setting and `model`'s weights."""
-    settings = {"targets": targets, "plan": asdict(plan), "schedule": schedule, "ramp": ramp,
-                "frequency": frequency, "layers": layers, "m_by_n": m_by_n}
-    return models.cached(name, settings, [model], lambda: prune(
-        model, targets, splits, plan, schedule=schedule, ramp=ramp, frequency=frequency, layers=layers,
-        m_by_n=m_by_n, progress=progress), directory)
+    """`prune` through models.cached: the entry's key covers the settings and `model`'s weights."""
+    return models.cached(name, asdict(settings), [model],
+                         lambda: prune(model, settings, splits, progress=progress), directory)
 
 
-# ----------------------------------------------------------------------------- 4. sensitivity
+# ----------------------------------------------------------------------------- sensitivity
 
 def sensitivity_sweep(model, x_val, y_val, sparsities=SWEEP_SPARSITIES, layers=None,
                       progress: bool = True) -> pd.DataFrame:
@@ -263,15 +303,18 @@ def sensitivity_sweep(model, x_val, y_val, sparsities=SWEEP_SPARSITIES, layers=N
     runner = measure.tf_function(work)
     base = measure.accuracy(runner, x_val, y_val)
     rows = []
-    with labkit.progress_bar(total=len(names) * len(sparsities), desc="sensitivity", disable=not progress) as bar:
+    with labkit.progress_bar(total=len(names) * len(sparsities), desc="sensitivity",
+                             disable=not progress) as bar:
         for name in names:
             layer = work.get_layer(name)
-            kernel = layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D) else layer.kernel
+            kernel = (layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D)
+                      else layer.kernel)
             original = kernel.numpy()
             rows.append({"layer": name, "sparsity": 0.0, "val_accuracy": base})
             for s in sparsities:
                 kernel.assign(original * magnitude_mask(original, s))
-                rows.append({"layer": name, "sparsity": s, "val_accuracy": measure.accuracy(runner, x_val, y_val)})
+                rows.append({"layer": name, "sparsity": s,
+                             "val_accuracy": measure.accuracy(runner, x_val, y_val)})
                 bar.update(1)
             kernel.assign(original)
     sweep = pd.DataFrame(rows)
@@ -279,34 +322,38 @@ def sensitivity_sweep(model, x_val, y_val, sparsities=SWEEP_SPARSITIES, layers=N
     return sweep
 
 
+CSV_STORE = models.Store(".csv", lambda table, path: table.to_csv(path, index=False), pd.read_csv)
+
+
 def cached_sweep(model, splits, sparsities=SWEEP_SPARSITIES, layers=None, *,
                  directory: Path = PRUNING_DIR, progress: bool = True) -> pd.DataFrame:
-    """sensitivity_sweep on the validation split, kept as a CSV keyed by the settings and `model`'s weights."""
-    key = models.settings_key({"sparsities": sorted(sparsities), "layers": layers,
-                               "inputs": [models.weights_key(model)]})
-    path = Path(directory) / f"sensitivity-{key}.csv"
-    if not path.is_file():
-        sweep = sensitivity_sweep(model, splits.x_val, splits.y_val, sparsities, layers, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        sweep.to_csv(tmp, index=False)
-        tmp.replace(path)   # whole or not at all
-    return pd.read_csv(path)   # read back either way, so a fresh and a cached sweep give the same floats
+    """sensitivity_sweep on the validation split, a CSV table in the one cache (models.cached)."""
+    def sweep():
+        found = sensitivity_sweep(model, splits.x_val, splits.y_val, sparsities, layers,
+                                  progress=progress)
+        # read back from CSV text, as a cached sweep is read back: the same floats either way
+        return pd.read_csv(io.StringIO(found.to_csv(index=False))), {}
+    table, _ = models.cached("sensitivity", {"sparsities": sorted(sparsities), "layers": layers},
+                             [model], sweep, directory, kind=CSV_STORE)
+    return table
 
 
 def accuracy_drop_curve(sweep: pd.DataFrame, layer: str, step: float = 0.01) -> pd.Series:
-    """One layer's accuracy drop (fraction) on a fine sparsity grid: interpolated between swept points
-    and made non-decreasing, since pruning more can only be assumed to hurt more."""
+    """One layer's accuracy drop (fraction) on a fine sparsity grid: interpolated between swept
+    points and made non-decreasing, since pruning more can only be assumed to hurt more."""
     curve = sweep[sweep["layer"] == layer].sort_values("sparsity")
     sparsity, drop = curve["sparsity"].to_numpy(float), curve["drop"].to_numpy(float)
     if sparsity[0] > 0:   # the unpruned model loses nothing
         sparsity, drop = np.r_[0.0, sparsity], np.r_[0.0, drop]
     grid = np.round(np.arange(0.0, sparsity.max() + 1e-9, step), 6)
-    return pd.Series(np.maximum.accumulate(np.maximum(np.interp(grid, sparsity, drop), 0.0)), index=grid, name=layer)
+    drops = np.maximum.accumulate(np.maximum(np.interp(grid, sparsity, drop), 0.0))
+    return pd.Series(drops, index=grid, name=layer)
 
 
-def targets_from_sensitivity(sweep: pd.DataFrame, weights: dict, overall: float, step: float = 0.01) -> dict:
-    """Per-layer sparsities that zero `overall` of all the weights for the least predicted accuracy loss.
+def targets_from_sensitivity(sweep: pd.DataFrame, weights: dict, overall: float,
+                             step: float = 0.01) -> dict:
+    """Per-layer sparsities that zero `overall` of all the weights for the least predicted
+    accuracy loss.
 
     Greedy: start every layer at 0 and keep raising, by `step`, the layer whose next step costs the
     least validation accuracy per weight removed, until the weighted sparsity reaches `overall`.
@@ -315,11 +362,13 @@ def targets_from_sensitivity(sweep: pd.DataFrame, weights: dict, overall: float,
     check_sparsity(overall, "overall")
     missing = set(weights) - set(sweep["layer"])
     if missing:
-        raise ValueError(f"no sensitivity curve for layers {sorted(missing)}; swept: {sorted(set(sweep['layer']))}")
+        raise ValueError(f"no sensitivity curve for layers {sorted(missing)}; "
+                         f"swept: {sorted(set(sweep['layer']))}")
     curves = {name: accuracy_drop_curve(sweep, name, step) for name in weights}
     total = sum(weights.values())
     if sum(weights[n] * curves[n].index[-1] for n in weights) / total < overall:
-        raise ValueError(f"overall sparsity {overall} is beyond the swept range: sweep higher sparsities")
+        raise ValueError(f"overall sparsity {overall} is beyond the swept range: "
+                         "sweep higher sparsities")
 
     def cost(name):
         curve, i = curves[name], position[name]
@@ -333,12 +382,37 @@ def targets_from_sensitivity(sweep: pd.DataFrame, weights: dict, overall: float,
         position[last] += 1
         zeros += weights[last] * step
     targets = {name: float(curves[name].index[position[name]]) for name in weights}
-    if last is not None:   # the last step may overshoot: take the excess back from the layer that moved last
+    if last is not None:   # the last step may overshoot: the layer that moved last gives it back
         targets[last] = round(targets[last] - (zeros - overall * total) / weights[last], 6)
     return targets
 
 
-# ----------------------------------------------------------------------------- 5. m:n sparsity
+HEADLINE_SPARSITY = 0.8
+UNSTRUCTURED_PLAN = models.FineTune(train_subset=20000, epochs=1, learning_rate=5e-4)
+UNSTRUCTURED_FREQUENCY = 10   # mask updates every 10 steps, as in the schedules drawn by the book
+
+
+def target_checks(table: pd.DataFrame) -> pd.DataFrame:
+    """The chapter's targets from one run's table (rows baseline, unstructured, structured)."""
+    base, sparse, small = (table.loc[n] for n in ("baseline", "unstructured", "structured"))
+    rows = [  # (target, measured, unit, at most or at least, goal)
+        ("80% unstructured: test accuracy drop", 100 * (base["accuracy"] - sparse["accuracy"]),
+         "points", "<=", 0.3),
+        ("80% unstructured: gzipped .tflite smaller by", base["gzip_bytes"] / sparse["gzip_bytes"],
+         "x", ">=", 3),
+        ("structured: MACs cut by", base["macs"] / small["macs"], "x", ">=", 2),
+        ("structured: test accuracy drop", 100 * (base["accuracy"] - small["accuracy"]),
+         "points", "<=", 0.5),
+        ("structured: LiteRT p50 speed-up", base["latency_p50_us"] / small["latency_p50_us"],
+         "x", ">=", 1.5),
+    ]
+    out = pd.DataFrame(rows, columns=["target", "measured", "unit", "bound", "goal"])
+    out["met"] = np.where(out["bound"] == "<=", out["measured"] <= out["goal"],
+                          out["measured"] >= out["goal"])
+    return out.set_index("target")
+
+
+# ----------------------------------------------------------------------------- m:n sparsity
 
 def m_by_n_violations(kernel: np.ndarray, m: int = 2, n: int = 4) -> int:
     """Groups of n consecutive weights along the input axis holding fewer than m zeros.
@@ -354,11 +428,11 @@ def m_by_n_violations(kernel: np.ndarray, m: int = 2, n: int = 4) -> int:
     return int(np.sum((moved.reshape(-1, n) == 0).sum(axis=1) < m))
 
 
-# ----------------------------------------------------------------------------- 6. LiteRT and XNNPACK
+# ----------------------------------------------------------------------------- LiteRT and XNNPACK
 
 def export_tflite(model, path, sparse_encoding: bool = False) -> Path:
-    """Float32 .tflite; with sparse_encoding the converter stores sparse weights compactly, unpacked at load
-    by DENSIFY ops (tf.lite.Optimize.EXPERIMENTAL_SPARSITY)."""
+    """Float32 .tflite; with sparse_encoding the converter stores sparse weights compactly,
+    unpacked at load by DENSIFY ops (tf.lite.Optimize.EXPERIMENTAL_SPARSITY)."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if sparse_encoding:
         converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
@@ -366,9 +440,12 @@ def export_tflite(model, path, sparse_encoding: bool = False) -> Path:
 
 
 def sparse_ready_cnn(width: int = 16, seed: int = 0):
-    """A small MobileNet-style CNN that tfmot's PruneForLatencyOnXNNPack policy accepts: XNNPACK's sparse
-    path needs a padded 3x3 stride-2 convolution on 3 channels first (MNIST's one channel is repeated
-    three times), then depthwise 3x3 and 1x1 convolutions only, ending in a spatial mean."""
+    """A small MobileNet-style CNN that tfmot's PruneForLatencyOnXNNPack policy accepts.
+
+    XNNPACK's sparse path needs a padded 3x3 stride-2 convolution on 3 channels first (MNIST's one
+    channel is repeated three times), then depthwise 3x3 and 1x1 convolutions only, ending in a
+    spatial mean.
+    """
     keras.utils.set_random_seed(seed)
     layers = keras.layers
 
@@ -381,10 +458,12 @@ def sparse_ready_cnn(width: int = 16, seed: int = 0):
     x = layers.Concatenate(name="to_rgb")([inputs, inputs, inputs])
     x = layers.ZeroPadding2D(1, name="stem_pad")(x)
     x = bn_relu(layers.Conv2D(width, 3, strides=2, use_bias=False, name="stem")(x), "stem")
-    for i, (channels, stride) in enumerate([(2 * width, 1), (4 * width, 2), (4 * width, 1)], start=1):
-        if stride == 2:   # explicit padding before a strided depthwise convolution, as the policy asks
+    blocks = [(2 * width, 1), (4 * width, 2), (4 * width, 1)]
+    for i, (channels, stride) in enumerate(blocks, start=1):
+        if stride == 2:   # explicit padding before a strided depthwise convolution, as asked
             x = layers.ZeroPadding2D(1, name=f"dw{i}_pad")(x)
-        x = bn_relu(layers.DepthwiseConv2D(3, strides=stride, padding="valid" if stride == 2 else "same",
+        x = bn_relu(layers.DepthwiseConv2D(3, strides=stride,
+                                           padding="valid" if stride == 2 else "same",
                                            use_bias=False, name=f"dw{i}")(x), f"dw{i}")
         x = bn_relu(layers.Conv2D(channels, 1, use_bias=False, name=f"pw{i}")(x), f"pw{i}")
     x = layers.GlobalAveragePooling2D(keepdims=True, name="mean")(x)
@@ -397,7 +476,8 @@ def prune_for_xnnpack(model, sparsity: float, begin_step: int = 0, frequency: in
     """tfmot's XNNPACK policy: wrap only the 1x1 convolutions, after checking the whole graph fits
     XNNPACK's sparse path (a ValueError says which layer breaks it)."""
     return sparsity_api.prune_low_magnitude(
-        models.clone_with_weights(model), pruning_schedule=constant_schedule(sparsity, begin_step, frequency),
+        models.clone_with_weights(model),
+        pruning_schedule=constant_schedule(sparsity, begin_step, frequency),
         pruning_policy=sparsity_api.PruneForLatencyOnXNNPack())
 
 
@@ -405,10 +485,11 @@ SPARSE_READY_TRAIN = models.FineTune(train_subset=20000, epochs=2, learning_rate
 SPARSE_READY_PRUNE = models.FineTune(train_subset=20000, epochs=1, learning_rate=1e-3)
 
 
-def sparse_ready_models(splits, sparsity: float = 0.75, *, train_plan: models.FineTune = SPARSE_READY_TRAIN,
-                        prune_plan: models.FineTune = SPARSE_READY_PRUNE, directory: Path = PRUNING_DIR,
-                        progress: bool = True):
-    """The sparse-ready CNN trained from scratch, and a copy pruned with the XNNPACK policy (both cached)."""
+def sparse_ready_models(splits, sparsity: float = 0.75, *,
+                        train_plan: models.FineTune = SPARSE_READY_TRAIN,
+                        prune_plan: models.FineTune = SPARSE_READY_PRUNE,
+                        directory: Path = PRUNING_DIR, progress: bool = True):
+    """The sparse-ready CNN trained from scratch and a copy pruned by the XNNPACK policy, cached."""
     check_sparsity(sparsity)
     start = sparse_ready_cnn()
     dense, _ = models.cached("sparse-ready-cnn", {"plan": asdict(train_plan)}, [start], lambda: (
@@ -416,85 +497,31 @@ def sparse_ready_models(splits, sparsity: float = 0.75, *, train_plan: models.Fi
 
     def pruned():
         wrapped = prune_for_xnnpack(dense, sparsity)
-        record = models.fine_tune(wrapped, splits, prune_plan, callbacks=[sparsity_api.UpdatePruningStep()],
+        record = models.fine_tune(wrapped, splits, prune_plan,
+                                  callbacks=[sparsity_api.UpdatePruningStep()],
                                   progress=progress, description="prune")
         return strip(wrapped), record
-    return dense, models.cached("sparse-ready-cnn-pruned", {"sparsity": sparsity, "plan": asdict(prune_plan)},
-                                [dense], pruned, directory)[0]
+    settings = {"sparsity": sparsity, "plan": asdict(prune_plan)}
+    return dense, models.cached("sparse-ready-cnn-pruned", settings, [dense], pruned, directory)[0]
 
 
 def xnnpack_report(path) -> dict:
-    """What the LiteRT interpreter itself says about a model under the XNNPACK delegate. XNNPACK
-    considers its sparse path only when (1) the graph has the layout tfmot's PruneForLatencyOnXNNPack
-    checks, (2) it takes the DENSIFY ops (weights stored sparse) into its partition, and (3) the CPU is
-    not an x86 with AVX: there its sparse kernels (SSE only) are expected to lose to dense AVX code."""
+    """What the LiteRT interpreter itself says about a model under the XNNPACK delegate.
+
+    XNNPACK considers its sparse path only when (1) the graph has the layout tfmot's
+    PruneForLatencyOnXNNPack checks, (2) it takes the DENSIFY ops (weights stored sparse) into its
+    partition, and (3) the CPU is not an x86 with AVX: there its sparse kernels (SSE only) are
+    expected to lose to dense AVX code.
+    """
     ops = tflite.delegated_ops(path).to_dict("records")   # as XNNPACK runs them
     delegated = [op for op in ops if op["op"] == "DELEGATE"]
     delegated_inputs = {i for op in delegated for i in op["inputs"]}
     densify = [op for op in ops if op["op"] == "DENSIFY"]
     cpuinfo = Path("/proc/cpuinfo")
-    has_avx = cpuinfo.is_file() and re.search(r"^flags.*\bavx\b", cpuinfo.read_text(), re.M) is not None
+    has_avx = (cpuinfo.is_file()
+               and re.search(r"^flags.*\bavx\b", cpuinfo.read_text(), re.M) is not None)
     x86_avx = has_avx and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    handed = bool(densify) and all(op["inputs"][0] in delegated_inputs for op in densify)
     return {"model ops": len(ops) - len(delegated), "XNNPACK partitions": len(delegated),
-            "DENSIFY ops": len(densify),
-            "sparse weights handed to XNNPACK": bool(densify) and all(op["inputs"][0] in delegated_inputs
-                                                                      for op in densify),
+            "DENSIFY ops": len(densify), "sparse weights handed to XNNPACK": handed,
             "x86 CPU with AVX": x86_avx, "XNNPACK sparse kernels enabled on this CPU": not x86_avx}
-
-
-# ----------------------------------------------------------------------------- the benchmark
-
-HEADLINE_SPARSITY = 0.8
-UNSTRUCTURED_PLAN = models.FineTune(train_subset=20000, epochs=1, learning_rate=5e-4)
-UNSTRUCTURED_FREQUENCY = 10   # mask updates every 10 steps, as the schedules drawn in notebook 02
-
-
-def headline_models(splits, baseline=None, progress: bool = True) -> dict:
-    """The two models the targets are about, built (or loaded) with the same calls as notebook 02."""
-    from labkit import structured
-    if baseline is None:
-        baseline = models.load_or_train_baseline(models.BaselineConfig(), splits)[0]
-    sizes = {name: models.kernel(baseline, name).size for name in models.weight_layers(baseline)}
-    targets = targets_from_sensitivity(cached_sweep(baseline, splits, progress=progress), sizes, HEADLINE_SPARSITY)
-    unstructured, _ = cached_prune("unstructured-80", baseline, targets, splits, UNSTRUCTURED_PLAN,
-                                   frequency=UNSTRUCTURED_FREQUENCY, progress=progress)
-    small, _ = structured.cached_thin("structured-l1", baseline, structured.HEADLINE_KEEP, splits,
-                                      structured.HEADLINE_PLAN, progress=progress)
-    return {"baseline": baseline, "unstructured": unstructured, "structured": small, "targets": targets}
-
-
-def target_checks(table: pd.DataFrame) -> pd.DataFrame:
-    """Notebook 02's targets from one run's table (rows baseline, unstructured, structured)."""
-    base, sparse, small = (table.loc[n] for n in ("baseline", "unstructured", "structured"))
-    rows = [  # (target, measured, unit, at most or at least, goal)
-        ("80% unstructured: test accuracy drop", 100 * (base["accuracy"] - sparse["accuracy"]), "points", "<=", 0.3),
-        ("80% unstructured: gzipped .tflite smaller by", base["gzip_bytes"] / sparse["gzip_bytes"], "x", ">=", 3),
-        ("structured: MACs cut by", base["macs"] / small["macs"], "x", ">=", 2),
-        ("structured: test accuracy drop", 100 * (base["accuracy"] - small["accuracy"]), "points", "<=", 0.5),
-        ("structured: LiteRT p50 speed-up", base["latency_p50_us"] / small["latency_p50_us"], "x", ">=", 1.5),
-    ]
-    out = pd.DataFrame(rows, columns=["target", "measured", "unit", "bound", "goal"])
-    out["met"] = np.where(out["bound"] == "<=", out["measured"] <= out["goal"], out["measured"] >= out["goal"])
-    return out.set_index("target")
-
-
-def benchmark(repeats: int = 300, threads: int = 1) -> pd.DataFrame:
-    """Print the targets measured in one run: test accuracy, gzip size, MACs, LiteRT p50 at batch 1."""
-    from labkit.data import load_mnist
-    found = headline_models(splits := load_mnist(), progress=False)
-    paths = {"baseline": models.baseline_tflite(),
-             "unstructured": export_tflite(found["unstructured"], PRUNING_DIR / "unstructured-80.tflite"),
-             "structured": export_tflite(found["structured"], PRUNING_DIR / "structured-l1.tflite")}
-    table, _ = measure.side_by_side(paths, splits.x_test, splits.y_test, latency_images=splits.x_test[:200],
-                                    reference="baseline", repeats=repeats, warmup=30, threads=threads)
-    table["macs"] = [measure.count_macs(found[n]) for n in table.index]
-    checks = target_checks(table)
-    print(f"machine: {machine.machine_string()}\nLiteRT XNNPACK, {threads} thread(s), batch 1, "
-          f"{repeats} interleaved calls per model\n{table.drop(columns=['artifact']).round(4).to_string()}\n"
-          f"{checks.round(3).to_string()}")
-    return checks
-
-
-if __name__ == "__main__":
-    labkit.setup(seed=0)
-    benchmark()

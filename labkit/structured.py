@@ -1,19 +1,14 @@
-"""Structured pruning: rank filters, keep the strongest, rebuild a genuinely smaller network (notebook 02).
+"""Structured pruning: rank filters, keep the strongest, rebuild a genuinely smaller network.
 
 Owns filter ranking (`filter_scores`, an "l1" or an "io" score), choosing the filters to keep
 (`strongest`), the surgery that removes the others (`shrink`), its same-size check
-(`zero_filters`) and the structured fine-tune (`thin`: rank, shrink, fine-tune). Notebook 02
-reads it next to its section 9; the pipeline (notebook 07) thins its folded model with it.
-
-The models are laid out as `models.build_cnn` builds them: conv<i> blocks, each with its own
-batch norm bn<i> (`batchnorm=True`) or with a bias and a fused ReLU (`batchnorm=False`, which is
-also what `folding.fold_batchnorm` returns), then flatten, dense1, an optional dropout and logits.
-Filters can be removed from every conv<i> and units from dense1; logits keeps its 10 classes.
-Unstructured pruning (single weights set to zero) is labkit.pruning's.
+(`zero_filters`) and the structured fine-tune (`thin`: rank, shrink, fine-tune, set by a
+`ThinSettings`); the pipeline thins its folded model with it. Models are laid out as
+`models.build_cnn` builds them (see `layout`). Single weights set to zero are labkit.pruning's.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -21,22 +16,32 @@ from labkit import ARTIFACTS_DIR, models
 
 STRUCTURED_DIR = ARTIFACTS_DIR / "pruning"
 SCORES = ("l1", "io")
-# Notebook 02's structured model (and `python -m labkit.pruning`'s): filters and units kept, and the fine-tune.
+# The book's structured model (and `python -m labkit.targets.pruning`'s): filters and units kept,
+# and the fine-tune.
 HEADLINE_KEEP = {"conv1": 16, "conv2": 32, "dense1": 64}
 HEADLINE_PLAN = models.FineTune(train_subset=27500, epochs=2, learning_rate=1e-3)
 
 
 def layout(model) -> tuple[list[str], bool]:
-    """(the conv<i> block names in model order, whether the blocks have batch norm), checked."""
+    """(the conv<i> block names in model order, whether the blocks have batch norm), checked.
+
+    The layout is `models.build_cnn`'s: conv<i> blocks, each with its own batch norm bn<i>
+    (`batchnorm=True`) or with a bias and a fused ReLU (`batchnorm=False`, which is also what
+    `folding.fold_batchnorm` returns), then flatten, dense1, an optional dropout and logits.
+    Filters can be removed from every conv<i> and units from dense1; logits keeps its 10 classes.
+    """
     names = [layer.name for layer in model.layers]
     blocks = [n for n in names if n.startswith("conv") and n[4:].isdigit()]
     with_bn = [f"bn{n[4:]}" in names for n in blocks]
-    if not blocks or any(n not in names for n in ("flatten", "dense1", "logits")) or len(set(with_bn)) > 1:
-        raise ValueError(f"structured pruning expects models.build_cnn's layout (conv<i> blocks, all with "
-                         f"or all without bn<i>, then flatten, dense1, logits); {model.name} has {names}")
+    missing = any(n not in names for n in ("flatten", "dense1", "logits"))
+    if not blocks or missing or len(set(with_bn)) > 1:
+        raise ValueError(f"structured pruning expects models.build_cnn's layout (conv<i> blocks, "
+                         f"all with or all without bn<i>, then flatten, dense1, logits); "
+                         f"{model.name} has {names}")
     batchnorm = with_bn[0]
     if not batchnorm and not all(model.get_layer(n).use_bias for n in blocks):
-        raise ValueError("a conv block without batch norm needs a bias (as build_cnn(batchnorm=False) builds it)")
+        raise ValueError("a conv block without batch norm needs a bias "
+                         "(as build_cnn(batchnorm=False) builds it)")
     return blocks, batchnorm
 
 
@@ -45,7 +50,8 @@ def _removable(model) -> list[str]:
 
 
 def _features(model, kernel: np.ndarray) -> np.ndarray:
-    """dense1's kernel as (row, column, channel, unit): flatten lays the last conv block out that way."""
+    """dense1's kernel as (row, column, channel, unit): flatten lays the last conv block out
+    that way."""
     height, width, channels = model.get_layer("flatten").input_shape[1:]
     return kernel.reshape(height, width, channels, -1)
 
@@ -56,9 +62,9 @@ def _reads(model, layer: str) -> np.ndarray:
     blocks = layout(model)[0]
     position = blocks.index(layer)
     if position + 1 < len(blocks):
-        following = models.kernel(model, blocks[position + 1])          # (h, w, in, out)
+        following = models.kernel(model, blocks[position + 1])        # (h, w, in, out)
         return np.moveaxis(following, 2, 0).reshape(following.shape[2], -1)
-    following = _features(model, models.kernel(model, "dense1"))        # (h, w, channel, unit)
+    following = _features(model, models.kernel(model, "dense1"))      # (h, w, channel, unit)
     return np.moveaxis(following, 2, 0).reshape(following.shape[2], -1)
 
 
@@ -75,7 +81,8 @@ def filter_scores(model, layer: str, score: str = "l1", inputs=None) -> np.ndarr
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if layer not in _removable(model):
-        raise ValueError(f"unknown layer {layer!r}: filters can be removed from {_removable(model)}")
+        raise ValueError(f"unknown layer {layer!r}: filters can be removed from "
+                         f"{_removable(model)}")
     kernel = models.kernel(model, layer)
     if inputs is not None:
         inputs = np.asarray(inputs, dtype=int)
@@ -87,12 +94,14 @@ def filter_scores(model, layer: str, score: str = "l1", inputs=None) -> np.ndarr
     if score == "l1":
         return np.abs(incoming).sum(axis=0)
     if layer == "dense1":
-        return np.linalg.norm(incoming, axis=0) * np.linalg.norm(models.kernel(model, "logits"), axis=1)
+        outgoing = models.kernel(model, "logits")
+        return np.linalg.norm(incoming, axis=0) * np.linalg.norm(outgoing, axis=1)
     return np.abs(incoming).sum(axis=0) * np.linalg.norm(_reads(model, layer), axis=1)
 
 
 def strongest(model, keep: dict, score: str = "l1") -> dict:
-    """For each layer in `keep` ({name: count}), the indices of its `count` best-scored filters, sorted.
+    """For each layer in `keep` ({name: count}), the indices of its `count` best-scored filters,
+    sorted.
 
     Layers are ranked in model order; with "io", a layer's inflow counts only the filters the
     layer before keeps (so dense1's units are ranked on the conv channels that remain).
@@ -100,7 +109,8 @@ def strongest(model, keep: dict, score: str = "l1") -> dict:
     removable = _removable(model)
     unknown = set(keep) - set(removable)
     if unknown:
-        raise ValueError(f"unknown layer(s) {sorted(unknown)}: filters can be removed from {removable}")
+        raise ValueError(f"unknown layer(s) {sorted(unknown)}: filters can be removed from "
+                         f"{removable}")
     out, previous = {}, None
     for name in removable:
         if name not in keep:
@@ -108,9 +118,10 @@ def strongest(model, keep: dict, score: str = "l1") -> dict:
             continue
         scores = filter_scores(model, name, score, inputs=previous if score == "io" else None)
         count = keep[name]
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 1 <= count <= len(scores):
-            raise ValueError(f"{name} has {len(scores)} filters: keep between 1 and {len(scores)} of them "
-                             f"(removing every filter cuts the network), got {count!r}")
+        whole = not isinstance(count, bool) and isinstance(count, (int, np.integer))
+        if not whole or not 1 <= count <= len(scores):
+            raise ValueError(f"{name} has {len(scores)} filters: keep between 1 and {len(scores)} "
+                             f"of them (removing every filter cuts the network), got {count!r}")
         out[name] = previous = np.sort(np.argsort(-scores, kind="stable")[:count])
     return out
 
@@ -120,7 +131,8 @@ def _checked(model, kept: dict) -> dict:
     removable = _removable(model)
     unknown = set(kept) - set(removable)
     if unknown:
-        raise ValueError(f"unknown layer(s) {sorted(unknown)}: filters can be removed from {removable}")
+        raise ValueError(f"unknown layer(s) {sorted(unknown)}: filters can be removed from "
+                         f"{removable}")
     out = {}
     for name in removable:
         n = models.kernel(model, name).shape[-1]
@@ -128,7 +140,8 @@ def _checked(model, kept: dict) -> dict:
         if chosen.size == 0:
             raise ValueError(f"cannot remove every filter of {name}: keep at least one")
         if len(set(chosen.tolist())) != chosen.size or chosen.min() < 0 or chosen.max() >= n:
-            raise ValueError(f"{name}: kept indices must be distinct and in [0, {n}), got {chosen}")
+            raise ValueError(f"{name}: kept indices must be distinct and in [0, {n}), "
+                             f"got {chosen}")
         out[name] = np.sort(chosen)
     return out
 
@@ -151,10 +164,12 @@ def shrink(model, kept: dict):
     for name in blocks:
         out = keep[name]
         kernel, *bias = model.get_layer(name).get_weights()
-        small.get_layer(name).set_weights([kernel[:, :, previous, :][..., out], *(b[out] for b in bias)])
+        small.get_layer(name).set_weights([kernel[:, :, previous, :][..., out],
+                                           *(b[out] for b in bias)])
         if batchnorm:
             bn = "bn" + name[4:]
-            small.get_layer(bn).set_weights([w[out] for w in model.get_layer(bn).get_weights()])
+            bn_weights = model.get_layer(bn).get_weights()
+            small.get_layer(bn).set_weights([w[out] for w in bn_weights])
         previous = out
     kernel, bias = model.get_layer("dense1").get_weights()
     kernel = _features(model, kernel)[:, :, previous, :].reshape(-1, kernel.shape[-1])
@@ -190,28 +205,42 @@ def zero_filters(model, kept: dict):
     return copy
 
 
-def thin(model, keep: dict, splits=None, plan: models.FineTune | None = None, *, score: str = "l1",
-         progress: bool = True, callbacks=()):
-    """Keep the `keep` ({layer: count}) best-scored filters, shrink, and fine-tune when `plan` is given.
+@dataclass(frozen=True)
+class ThinSettings:
+    """What `thin` does; `cached_thin` keys its entry by these and the input model's weights.
+
+    `keep`: {layer: count} of filters (units) kept, the best by `score` ("l1" or "io"); `plan`:
+    the fine-tune after the surgery (None: none).
+    """
+    keep: dict
+    plan: models.FineTune | None = None
+    score: str = "l1"
+
+    def __post_init__(self):
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+
+
+def thin(model, settings: ThinSettings, splits=None, *, progress: bool = True, callbacks=()):
+    """Keep the best-scored filters, shrink, and fine-tune when settings.plan is given.
 
     Returns (smaller model, record): the kept indices, the score and, after a fine-tune,
     models.fine_tune's record.
     """
-    kept = strongest(model, keep, score)
+    kept = strongest(model, settings.keep, settings.score)
     small = shrink(model, kept)
-    record = {"keep": {n: int(c) for n, c in keep.items()}, "score": score,
+    record = {"keep": {n: int(c) for n, c in settings.keep.items()}, "score": settings.score,
               "kept": {n: i.tolist() for n, i in kept.items()}}
-    if plan is not None:
+    if settings.plan is not None:
         if splits is None:
             raise ValueError("a fine-tune needs the data splits: pass splits with plan")
-        record.update(models.fine_tune(small, splits, plan, callbacks=callbacks, progress=progress,
-                                       description="thin"))
+        record.update(models.fine_tune(small, splits, settings.plan, callbacks=callbacks,
+                                       progress=progress, description="thin"))
     return small, record
 
 
-def cached_thin(name: str, model, keep: dict, splits, plan: models.FineTune, *, score: str = "l1",
-                directory=STRUCTURED_DIR, progress: bool = True):
-    """`thin` through models.cached: the entry's key covers keep, score, plan and `model`'s weights."""
-    settings = {"keep": {n: int(c) for n, c in keep.items()}, "score": score, "plan": asdict(plan)}
-    return models.cached(name, settings, [model],
-                         lambda: thin(model, keep, splits, plan, score=score, progress=progress), directory)
+def cached_thin(name: str, model, settings: ThinSettings, splits, *, directory=STRUCTURED_DIR,
+                progress: bool = True):
+    """`thin` through models.cached: the entry's key covers the settings and `model`'s weights."""
+    return models.cached(name, asdict(settings), [model],
+                         lambda: thin(model, settings, splits, progress=progress), directory)

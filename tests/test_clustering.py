@@ -1,6 +1,7 @@
 """labkit.clustering: NumPy k-means against brute force and known answers, tfmot agreement,
 whole-model clustering, sparsity preservation, sizes and bad settings (tiny models, seconds)."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -51,7 +52,8 @@ def test_starts():
 
 
 def test_kmeans_leaves_an_empty_cluster_where_it_is():
-    """A duplicate start (tfmot's density start has them) leaves a cluster empty; its centroid stays put."""
+    """A duplicate start (tfmot's density start has them) leaves a cluster empty; its centroid
+    stays put."""
     x = np.random.default_rng(4).choice([-1.0, -0.9, 0.25, 1.0], size=200)
     codebook = kmeans.kmeans(x, 4, centroids=[-1.0, 0.6, 0.6, 1.0])
     np.testing.assert_allclose(codebook.centroids, [x[x < 0].mean(), 0.25, 0.6, 1.0], atol=1e-7)
@@ -94,7 +96,10 @@ def test_bad_settings_raise_clear_errors(tiny_model):
     with pytest.raises(ValueError, match="no layer named"):
         clustering.cluster_model(tiny_model, 4, layers=("dense9",))
     with pytest.raises(ValueError, match="splits"):
-        clustering.cluster(tiny_model, 4, plan=models.FineTune(train_subset=64))
+        clustering.cluster(tiny_model, clustering.ClusterSettings(
+            4, models.FineTune(train_subset=64)))
+    with pytest.raises(ValueError, match="choose one of"):
+        clustering.ClusterSettings(4, init="random")
     with pytest.raises(ValueError, match="starting centroids"):
         kmeans.kmeans(np.arange(10.0), 3, centroids=[0.0, 1.0])
 
@@ -104,13 +109,15 @@ def test_sparse_check_predicts_tfmot_failure(tiny_model):
     copy = models.clone_with_weights(tiny_model)
     layer = copy.get_layer("conv1")
     w = np.zeros(layer.kernel.shape, np.float32)
-    w.flat[:3], w.flat[3:10] = -0.1 * np.arange(1, 4), 0.1 * np.arange(1, 8)   # 3 negative, 7 positive
+    # 3 negative, 7 positive
+    w.flat[:3], w.flat[3:10] = -0.1 * np.arange(1, 4), 0.1 * np.arange(1, 8)
     layer.set_weights([w])
     assert clustering.sparse_split(w, 32) == (9, 22)
     with pytest.raises(ValueError, match="only 3 negative and 7 positive"):
         clustering.cluster_model(copy, 32, layers=("conv1",), preserve_sparsity=True)
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_to_sample"):
-        wrapper = tfmot.clustering.keras.cluster_weights(layer, number_of_clusters=32, preserve_sparsity=True)
+        wrapper = tfmot.clustering.keras.cluster_weights(layer, number_of_clusters=32,
+                                                         preserve_sparsity=True)
         wrapper.build(layer.input_shape)
     clustering.check_sparse_clusters(w, 4, "conv1")   # (1, 2) centroids: enough weights
 
@@ -127,24 +134,26 @@ def test_starts_agree_with_tfmot(tiny_model):
 
 
 def test_tfmot_skips_a_conv_without_bias_per_channel_and_labkit_says_why(tiny_model):
-    """tfmot 0.8.1 counts a Conv2D's channels with its last trainable weight, taken for the bias: a conv
-    before a batch norm has none, so cluster_per_channel leaves it unwrapped with only a warning."""
-    import warnings
+    """tfmot 0.8.1 counts a Conv2D's channels with its last trainable weight, taken for the bias:
+    a conv before a batch norm has none, so cluster_per_channel leaves it unwrapped with only a
+    warning."""
     layer = models.clone_with_weights(tiny_model).get_layer("conv2")
     assert not layer.use_bias
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = tfmot.clustering.keras.cluster_weights(layer, number_of_clusters=4, cluster_per_channel=True)
+        result = tfmot.clustering.keras.cluster_weights(layer, number_of_clusters=4,
+                                                        cluster_per_channel=True)
     assert type(result).__name__ == "Conv2D" and "per-channel" in str(caught[-1].message)
     with pytest.raises(ValueError, match="needs a Conv2D with a bias"):
         clustering.tfmot_layer_clusters(tiny_model, "conv2", 4, per_channel=True)
-    with pytest.raises(ValueError, match="more than the 9 weights"):   # conv1: 3 x 3 x 1 per channel
-        clustering.tfmot_layer_clusters(folding.fold_batchnorm(tiny_model), "conv1", 16, per_channel=True)
+    with pytest.raises(ValueError, match="more than the 9 weights"):   # conv1: 3 x 3 x 1 a channel
+        clustering.tfmot_layer_clusters(folding.fold_batchnorm(tiny_model), "conv1", 16,
+                                        per_channel=True)
 
 
 def test_folding_and_codebooks(tiny_bn_model):
-    """Notebook 03 section 5: folding spreads a per-tensor codebook; folding first keeps k values in the
-    file; per channel keeps k per channel, with k centroids for each channel."""
+    """Folding spreads a per-tensor codebook; folding first keeps k values in the file; per
+    channel keeps k per channel, with k centroids for each channel."""
     k, channels = 4, models.kernel(tiny_bn_model, "conv2").shape[-1]
     table = clustering.folding_and_codebooks(tiny_bn_model, "conv2", k)
     spread, folded_first, per_channel = table.index
@@ -152,7 +161,8 @@ def test_folding_and_codebooks(tiny_bn_model):
     assert table.loc[folded_first, "distinct_in_file_kernel"] <= k
     assert (table["most_distinct_per_channel"] <= k).all()
     assert table.loc[per_channel, "centroids_stored"] == k * channels
-    assert table.loc[per_channel, "mse_vs_folded_float"] < table.loc[folded_first, "mse_vs_folded_float"]
+    mse = table["mse_vs_folded_float"]
+    assert mse[per_channel] < mse[folded_first]
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -162,8 +172,10 @@ PLAN = models.FineTune(train_subset=256, batch_size=64, learning_rate=1e-3)   # 
 
 def test_cluster_fine_tune_strip(tiny_model, splits):
     before = [w.copy() for w in tiny_model.get_weights()]
-    start, record_start = clustering.cluster(tiny_model, 4)   # no plan: clustered, not fine-tuned
-    stripped, record = clustering.cluster(tiny_model, 4, splits, PLAN, progress=False)
+    # no plan: clustered, not fine-tuned
+    start, record_start = clustering.cluster(tiny_model, clustering.ClusterSettings(4))
+    stripped, record = clustering.cluster(tiny_model, clustering.ClusterSettings(4, PLAN), splits,
+                                          progress=False)
     assert "history" not in record_start and len(record["history"]["loss"]) == 1
     assert record["layers"] == ["conv1", "conv2", "dense1", "logits"]
     assert all(n <= 4 for n in clustering.unique_values(start).values())
@@ -180,24 +192,33 @@ def test_preserve_sparsity_keeps_zeros(tiny_model, splits):
     w = models.kernel(pruned, "dense1").copy()
     w[np.abs(w) < np.median(np.abs(w))] = 0.0
     pruned.get_layer("dense1").set_weights([w, pruned.get_layer("dense1").get_weights()[1]])
-    results = {preserve: models.kernel(clustering.cluster(pruned, 8, splits, PLAN, layers=("dense1",),
-                                                          preserve_sparsity=preserve, progress=False)[0], "dense1")
-               for preserve in (False, True)}
+    results = {}
+    for preserve in (False, True):
+        settings = clustering.ClusterSettings(8, PLAN, layers=("dense1",),
+                                              preserve_sparsity=preserve)
+        clustered, _ = clustering.cluster(pruned, settings, splits, progress=False)
+        results[preserve] = models.kernel(clustered, "dense1")
     kept = results[True]
     assert np.all(kept[w == 0] == 0) and np.unique(kept).size <= 8
-    assert np.mean(results[False] == 0) < 0.1, "without preserve_sparsity training should revive the zeros"
+    assert np.mean(results[False] == 0) < 0.1, \
+        "without preserve_sparsity training should revive the zeros"
 
 
 def test_cached_cluster_keys_on_the_input_models_weights(tmp_path, tiny_model, splits):
-    model, record = clustering.cached_cluster(tiny_model, 4, splits, PLAN, directory=tmp_path, progress=False)
-    again, record_again = clustering.cached_cluster(tiny_model, 4, splits, PLAN, directory=tmp_path, progress=False)
+    settings = clustering.ClusterSettings(4, PLAN)
+    model, record = clustering.cached_cluster(tiny_model, settings, splits, directory=tmp_path,
+                                              progress=False)
+    again, record_again = clustering.cached_cluster(tiny_model, settings, splits,
+                                                    directory=tmp_path, progress=False)
     assert not record["cached"] and record_again["cached"]
     np.testing.assert_array_equal(models.kernel(model, "dense1"), models.kernel(again, "dense1"))
     other = models.clone_with_weights(tiny_model)   # same settings, different weights: a new entry
     other.get_layer("conv1").kernel.assign(2 * other.get_layer("conv1").kernel)
-    _, record_other = clustering.cached_cluster(other, 4, splits, PLAN, directory=tmp_path, progress=False)
+    _, record_other = clustering.cached_cluster(other, settings, splits, directory=tmp_path,
+                                                progress=False)
     assert not record_other["cached"] and record_other["inputs"] != record["inputs"]
-    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.keras")) == ["clustered", "clustered"]
+    names = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("*.keras"))
+    assert names == ["clustered-k4", "clustered-k4"]
 
 
 def test_sizes(tmp_path, tiny_model):
@@ -210,11 +231,13 @@ def test_sizes(tmp_path, tiny_model):
 
     plain = models.save_tflite(tiny_model, tmp_path / "plain.tflite")
     clustered = clustering.export_tflite(model, "clustered", directory=tmp_path)
-    assert abs(measure.size_bytes(clustered) - measure.size_bytes(plain)) < 0.01 * measure.size_bytes(plain)
+    size_gap = abs(measure.size_bytes(clustered) - measure.size_bytes(plain))
+    assert size_gap < 0.01 * measure.size_bytes(plain)
     assert measure.gzip_bytes(clustered) < measure.gzip_bytes(plain)
     in_file = clustering.tflite_unique_values(clustered, min_size=20)
     assert set(in_file.index) == {"conv1", "conv2", "dense1", "logits"}   # conv1: 36 weights >= 20
     assert (in_file.loc[["dense1", "logits"], "unique_values"] <= 4).all()
-    # batch norm folded into the convolutions scales each output channel: more than k values in the file
+    # batch norm folded into the convolutions scales each output channel: more than k values in
+    # the file
     assert (in_file.loc[["conv1", "conv2"], "unique_values"] > 4).all()
     assert "dense1" not in clustering.tflite_unique_values(clustered, min_size=n + 1).index

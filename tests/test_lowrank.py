@@ -38,15 +38,16 @@ def test_spatial_pair_reproduces_the_convolution_at_full_rank(padding):
     x = rng.standard_normal((2, 9, 9, 4)).astype(np.float32)
     first, second = lowrank.spatial_factors(k, 12)
     assert first.shape == (3, 1, 4, 12) and second.shape == (1, 3, 12, 6)
-    whole = tf.nn.conv2d(x, k, 1, padding.upper()).numpy()
-    pair = tf.nn.conv2d(tf.nn.conv2d(x, first, 1, padding.upper()), second, 1, padding.upper()).numpy()
+    def conv(images, kernel):
+        return tf.nn.conv2d(images, kernel, 1, padding.upper())
+    whole = conv(x, k).numpy()
+    pair = conv(conv(x, first), second).numpy()
     np.testing.assert_allclose(pair, whole, atol=1e-4)
     # below full rank it is an approximation, and a better one as the rank grows
     errors = []
     for r in (2, 6, 10):
         f, s = lowrank.spatial_factors(k, r)
-        errors.append(np.abs(tf.nn.conv2d(tf.nn.conv2d(x, f, 1, padding.upper()), s, 1, padding.upper()).numpy()
-                             - whole).max())
+        errors.append(np.abs(conv(conv(x, f), s).numpy() - whole).max())
     assert errors[0] > errors[1] > errors[2] > 1e-4
 
 
@@ -56,8 +57,8 @@ def test_factorized_model_is_exact_at_full_rank(tiny_model, images):
     factored = lowrank.factorize(tiny_model, ranks)
     names = [layer.name for layer in factored.layers]
     assert {"conv2_kx1", "conv2_1xk", "dense1_a", "dense1_b"} <= set(names) and "conv2" not in names
-    np.testing.assert_allclose(factored(images, training=False).numpy(), tiny_model(images, training=False).numpy(),
-                               atol=1e-4)
+    np.testing.assert_allclose(factored(images, training=False).numpy(),
+                               tiny_model(images, training=False).numpy(), atol=1e-4)
     # the original is untouched
     assert "conv2" in [layer.name for layer in tiny_model.layers]
 
@@ -72,7 +73,8 @@ def test_macs_and_params_of_the_factored_model(tiny_model):
     assert macs["dense1_a"] == 392 * r_dense and macs["dense1_b"] == r_dense * 16
     before = measure.count_params(tiny_model)["params"]
     after = measure.count_params(factored)["params"]
-    removed = (3 * 3 * 4 * 8 - (3 * 4 * r_conv + 3 * r_conv * 8)) + (392 * 16 - (392 * r_dense + r_dense * 16))
+    removed = ((3 * 3 * 4 * 8 - (3 * 4 * r_conv + 3 * r_conv * 8))
+               + (392 * 16 - (392 * r_dense + r_dense * 16)))
     assert before - after == removed
 
 
@@ -104,7 +106,8 @@ def test_sweep_and_choice(tiny_model, splits):
     sweep = lowrank.rank_sweep(tiny_model, x, y, {"dense1": (1, 16)}, progress=False)
     assert list(sweep["layer"]) == ["(none)", "dense1", "dense1"]
     full = sweep[(sweep["layer"] == "dense1") & (sweep["rank"] == 16)].iloc[0]
-    assert full["drop"] == pytest.approx(0.0, abs=1 / 300)   # full rank: same predictions up to float ties
+    # full rank: the same predictions, up to float ties
+    assert full["drop"] == pytest.approx(0.0, abs=1 / 300)
     assert sweep.iloc[1]["macs"] < sweep.iloc[0]["macs"]
     assert lowrank.choose_rank(sweep, "dense1", 1.0) == 1
     fake = pd.DataFrame({"layer": ["dense1", "dense1"], "rank": [1, 2], "drop": [0.2, 0.1]})
@@ -118,15 +121,17 @@ def test_sweep_and_choice(tiny_model, splits):
 def test_fine_tune_is_cached_by_the_input_weights(tiny_model, tiny_plain_model, splits, tmp_path):
     plan = models.FineTune(train_subset=256, batch_size=64)
     ranks = {"dense1": 4}
-    tuned, record = lowrank.load_or_fine_tune(tiny_model, ranks, splits, plan, directory=tmp_path, progress=False)
+    tuned, record = lowrank.load_or_fine_tune(tiny_model, ranks, splits, plan, directory=tmp_path,
+                                              progress=False)
     assert not record["cached"] and record["name"] == "lowrank-dense1r4"
     assert {"dense1_a", "dense1_b"} <= {layer.name for layer in tuned.layers}
     assert record["params"] == measure.count_params(tuned)["params"]
-    again, record2 = lowrank.load_or_fine_tune(tiny_model, ranks, splits, plan, directory=tmp_path, progress=False)
+    again, record2 = lowrank.load_or_fine_tune(tiny_model, ranks, splits, plan, directory=tmp_path,
+                                               progress=False)
     assert record2["cached"] and models.weights_key(again) == models.weights_key(tuned)
     # same ranks and plan, another model: a new entry, not the first model's factors
-    other, record3 = lowrank.load_or_fine_tune(tiny_plain_model, ranks, splits, plan, directory=tmp_path,
-                                               progress=False)
+    other, record3 = lowrank.load_or_fine_tune(tiny_plain_model, ranks, splits, plan,
+                                               directory=tmp_path, progress=False)
     assert not record3["cached"] and record3["inputs"] != record["inputs"]
     assert models.weights_key(other) != models.weights_key(tuned)
     assert len(list(tmp_path.glob("lowrank-dense1r4-*.keras"))) == 2
