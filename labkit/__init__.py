@@ -2,11 +2,24 @@
 
 Every notebook starts with ``labkit.setup(seed=0)``. Importing labkit sets the
 two TensorFlow switches that must be set before TensorFlow is first imported:
-legacy Keras (tfmot does not support Keras 3) and quiet C++ logs.
+legacy Keras (tfmot does not support Keras 3) and quiet C++ logs. It imports no TensorFlow
+itself, and hands on `claim`, `knobs` and `ClaimError` from labkit.claims.
 """
 import os
+import sys
+import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+from tqdm.auto import tqdm
+
+# every notebook states its claims with these (claims imports nothing of labkit)
+from labkit.claims import ClaimError, claim, knobs
+
+__all__ = ["ClaimError", "claim", "knobs", "setup", "import_tensorflow_quietly", "progress_bar",
+           "quiet_stderr", "redirect_stderr", "filter_native_stderr", "ROOT", "DATA_DIR",
+           "ARTIFACTS_DIR", "RESULTS_DIR", "NOTEBOOKS_DIR", "KiB", "MiB", "GiB"]
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")   # tf.keras -> tf_keras, as tfmot needs
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep red C++ log blocks out of notebooks
@@ -27,7 +40,6 @@ GiB = 1024 * MiB
 @contextmanager
 def redirect_stderr(target):
     """Send the process's stderr (file descriptor 2) to an open file `target` for the block."""
-    import sys
     sys.stderr.flush()
     saved = os.dup(2)
     os.dup2(target.fileno(), 2)
@@ -65,8 +77,6 @@ def filter_native_stderr() -> None:
     nothing else is lost; in a terminal a pumping thread could drop a traceback at exit.
     """
     global _stderr_filter_on
-    import sys
-    import threading
     if _stderr_filter_on or "ipykernel" not in sys.modules:
         return
     read_end, write_end = os.pipe()
@@ -96,7 +106,6 @@ def progress_bar(iterable=None, *, total=None, **options):
     ends, and ZeroMQ drops what overflows its buffers (some 7,000 messages), the cell's result
     with it: an unthrottled bar over a long training fails the test run.
     """
-    from tqdm.auto import tqdm
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
     if total:
@@ -106,20 +115,18 @@ def progress_bar(iterable=None, *, total=None, **options):
 
 
 def import_tensorflow_quietly(start_runtime: bool = True):
-    """Import TensorFlow without its C++ start-up noise; with start_runtime, start its CPU device too.
+    """Import TensorFlow without its C++ start-up noise; with start_runtime, start its CPU device.
 
     Modules import it with start_runtime=False: importing a labkit module never starts
     TensorFlow's runtime (the distributed workers configure it first); setup() starts it.
     """
     with quiet_stderr():
-        import tensorflow as tf
+        import tensorflow as tf  # here: importing labkit loads no TensorFlow
         if start_runtime:
             tf.config.list_physical_devices()
             (tf.constant(1.0) + 1.0).numpy()
     return tf
 
-
-_import_tensorflow_quietly = import_tensorflow_quietly  # the name some modules used first
 
 
 def setup(seed: int = 0, quiet: bool = True) -> dict:
@@ -127,24 +134,23 @@ def setup(seed: int = 0, quiet: bool = True) -> dict:
     if quiet:
         filter_native_stderr()
     tf = import_tensorflow_quietly() if quiet else __import__("tensorflow")
+    # these come with TensorFlow, which importing labkit does not load
+    import absl.logging
     import tf_keras
     if not tf.keras.__name__.startswith("tf_keras"):
         raise RuntimeError(
-            f"tf.keras is {tf.keras.__name__} (Keras 3), but tfmot needs legacy Keras 2 (tf_keras). "
-            "TensorFlow was imported before labkit: restart the kernel and call labkit.setup() "
-            "before importing TensorFlow, or set TF_USE_LEGACY_KERAS=1 in the environment.")
+            f"tf.keras is {tf.keras.__name__} (Keras 3), but tfmot needs legacy Keras 2 "
+            "(tf_keras). TensorFlow was imported before labkit: restart the kernel and call "
+            "labkit.setup() before importing TensorFlow, or set TF_USE_LEGACY_KERAS=1 in the "
+            "environment.")
 
     if quiet:
         tf.get_logger().setLevel("ERROR")
-        import absl.logging
         absl.logging.set_verbosity(absl.logging.ERROR)
-        import warnings
         warnings.filterwarnings("ignore", module="tensorflow_model_optimization")
     # Same seed, same weights, same numbers: Python, NumPy and TensorFlow seeds in one call.
     tf_keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    from labkit.machine import machine_info   # machine.py imports nothing of labkit
+    # imported here, when first needed; machine.py imports nothing of labkit, so this is no circle
+    from labkit.machine import machine_info
     return machine_info()
-
-
-from labkit.claims import ClaimError, claim, knobs  # noqa: E402  (every notebook states its claims with these)

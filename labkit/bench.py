@@ -1,14 +1,11 @@
 """Re-measure every artifact in the results store side by side: `python -m labkit.bench`.
 
-Owns the benchmark command (README, notebooks 00 and 01 point to it). All artifacts are
-loaded in one process and timed interleaved at batch 1, so the ratios to the baseline's
-float32 .tflite are fair even on a noisy machine.
-
-Each artifact is timed once, with the runner its format calls for (`runner_for`), and its row
-says so: `variants` lists every stored variant that names the file, `runner` and `timed` say
-how it was called. A variant's own figure in the store may come from another runner (notebook
-01 records model.predict, an eager call and a tf.function for the same .keras file); bench
-times the file one way only, and the `runner` column is the way.
+Owns the benchmark command (README, 00_setup.ipynb and 01_baseline.ipynb point to it) and the
+re-measured frontier (`frontier`). All artifacts are loaded in one process and timed interleaved
+at batch 1, so the ratios to the baseline's float32 .tflite are fair even on a noisy machine.
+Each artifact is timed once, by the runner its format calls for (`runner_for`); its row names
+the runner, which may differ from the one a variant's own stored figure came from (the baseline
+records model.predict, an eager call and a tf.function for the same .keras file).
 """
 from __future__ import annotations
 
@@ -23,6 +20,10 @@ import labkit
 from labkit import ROOT, machine, measure, results
 from labkit.data import load_mnist
 
+labkit.import_tensorflow_quietly(start_runtime=False)   # the legacy-Keras switch is set first
+import tf_keras as keras  # noqa: E402
+
+
 def runner_for(artifact: Path, threads: int = 1) -> measure.Runner | None:
     """How bench runs an artifact, by its format: LiteRT (XNNPACK, `threads` threads) for a .tflite
     file, its serving signature for a SavedModel directory, a tf.function for a .keras or .h5 file
@@ -34,7 +35,6 @@ def runner_for(artifact: Path, threads: int = 1) -> measure.Runner | None:
     if artifact.is_dir():
         return measure.saved_model(artifact)
     if artifact.suffix in (".keras", ".h5"):
-        import tf_keras as keras
         return measure.tf_function(keras.models.load_model(artifact, compile=False))
     return None
 
@@ -64,8 +64,10 @@ def benchmark(table, *, repeats: int = 200, warmup: int = 20, threads: int = 1, 
         kept.append({"artifact": artifact, "variants": ", ".join(rows["variant"]),
                      "technique": ", ".join(rows["technique"].dropna().unique()),
                      "runner": runner.name, "timed": runner.timed,
-                     "size_bytes": rows["size_bytes"].iloc[0], "gzip_bytes": rows["gzip_bytes"].iloc[0]})
-        runners.append(dataclasses.replace(runner, name=artifact))  # unique names for the latency loop
+                     "size_bytes": rows["size_bytes"].iloc[0],
+                     "gzip_bytes": rows["gzip_bytes"].iloc[0]})
+        # unique names for the latency loop
+        runners.append(dataclasses.replace(runner, name=artifact))
     if not runners:   # nothing stored yet, or no file of a runnable format
         return pd.DataFrame(), missing
     latency = measure.measure_latency(runners, x[:100], warmup=warmup, repeats=repeats)
@@ -73,7 +75,8 @@ def benchmark(table, *, repeats: int = 200, warmup: int = 20, threads: int = 1, 
     out = pd.DataFrame(kept).set_index("artifact")
     out["latency_p50_us"] = summary["latency_p50_us"]
     out["latency_p95_us"] = summary["latency_p95_us"]
-    base = [a for a, names in out["variants"].items() if results.BASELINE_VARIANT in names.split(", ")]
+    base = [a for a, names in out["variants"].items()
+            if results.BASELINE_VARIANT in names.split(", ")]
     if base:
         out["speedup_p50"] = out.loc[base[0], "latency_p50_us"] / out["latency_p50_us"]
         out["gzip_smaller"] = out.loc[base[0], "gzip_bytes"] / out["gzip_bytes"]
@@ -82,10 +85,11 @@ def benchmark(table, *, repeats: int = 200, warmup: int = 20, threads: int = 1, 
     return out, missing
 
 
-# ----------------------------------------------------------------------------- the frontier, re-measured
+# ------------------------------------------------------------------------ the frontier, re-measured
 
-BOOK_NOTEBOOKS = ("01_baseline", "02_pruning", "03_clustering", "04_quantization", "04b_litert_quantizer",
-                  "05_graph", "06_distributed")   # the notebooks before 07 that record variants
+# the notebooks before 07_pipeline that record variants
+BOOK_NOTEBOOKS = ("01_baseline", "02_pruning", "03_clustering", "04_quantization",
+                  "04b_litert_quantizer", "05_graph", "06_distributed")
 
 
 def missing_notebooks(table: pd.DataFrame, notebooks=BOOK_NOTEBOOKS) -> list:
@@ -96,7 +100,8 @@ def missing_notebooks(table: pd.DataFrame, notebooks=BOOK_NOTEBOOKS) -> list:
 
 def frontier(splits, table: pd.DataFrame | None = None, *, repeats: int = 100, warmup: int = 10):
     """Every file the store names, re-measured in ONE interleaved run (`bench.benchmark`), with its
-    accuracy on the VALIDATION split: the table notebook 07 draws its Pareto frontier from.
+    accuracy on the VALIDATION split: the table the pipeline chapter draws its Pareto frontier
+    from.
 
     Choices are made on validation (the test split is kept for final figures), and latencies compare
     only within one run. One row per file, named by a variant that records it (the baseline's name
@@ -105,19 +110,21 @@ def frontier(splits, table: pd.DataFrame | None = None, *, repeats: int = 100, w
     for a notebook with no row yet or a file that has gone missing.
     """
     table = results.load() if table is None else table
-    notes = [f"no variant of notebook {notebook} in the results store yet: run {notebook}.ipynb first to see "
-             "its variants here" for notebook in missing_notebooks(table)]
+    notes = [f"no variant of notebook {notebook} in the results store yet: run {notebook}.ipynb "
+             "first to see its variants here" for notebook in missing_notebooks(table)]
     measured, missing = benchmark(table, repeats=repeats, warmup=warmup, x=splits.x_val,
                                   y=splits.y_val)
     if measured.empty:
-        return pd.DataFrame(columns=[*results.COLUMNS, "runner", "shared_with", "pareto"]), notes + [
-            "the results store names no model file yet: run notebook 01_baseline.ipynb first"]
+        empty = pd.DataFrame(columns=[*results.COLUMNS, "runner", "shared_with", "pareto"])
+        return empty, notes + ["the results store names no model file yet: run 01_baseline.ipynb "
+                               "first"]
     for entry in missing:
         artifact, _, why = entry.partition(" (")
         owner = table.loc[table["artifact"] == artifact, "notebook"]
         owner = owner.iloc[0] if len(owner) else "its notebook"
         notes.append(f"{artifact}: no runner for this format, left out" if why else
-                     f"{artifact} (recorded by {owner}) is missing: run {owner}.ipynb again to write it")
+                     f"{artifact} (recorded by {owner}) is missing: run {owner}.ipynb again to "
+                     "write it")
     rows = []
     for artifact, row in measured.iterrows():
         names = row["variants"].split(", ")
@@ -137,7 +144,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200, help="timed calls per artifact")
     parser.add_argument("--threads", type=int, default=1, help="LiteRT interpreter threads")
-    parser.add_argument("--no-accuracy", action="store_true", help="skip re-measuring test accuracy")
+    parser.add_argument("--no-accuracy", action="store_true",
+                        help="skip re-measuring test accuracy")
     args = parser.parse_args(argv)
     labkit.setup(seed=0)
     table = results.load()
@@ -151,8 +159,10 @@ def main(argv=None) -> int:
     print(f"machine: {machine.machine_string()}")
     print(f"batch-1 latency, {args.repeats} interleaved calls each, LiteRT threads={args.threads}; "
           "each artifact is timed once, by the runner named in its row")
-    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
-        shown = out.drop(columns=["timed", "variants"]).assign(variants=out["variants"])  # the wide one last
+    with pd.option_context("display.width", 250, "display.max_columns", 20,
+                           "display.max_colwidth", 60):
+        # the wide column last
+        shown = out.drop(columns=["timed", "variants"]).assign(variants=out["variants"])
         print(shown.round(2).to_string())
     print("\nwhat one timed call includes:")
     for runner, timed in out.groupby("runner")["timed"].first().items():

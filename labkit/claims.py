@@ -1,19 +1,22 @@
 """Claims: what a notebook says its measurement shows, checked where it is measured.
 
-    knobs = labkit.knobs(sparsity=0.8)            # a section's settings, at the book's values
-    knobs.sparsity = 0.6                          # a learner experiments
-    labkit.claim(size_ratio > 3, "gzip makes the pruned file at least 3x smaller",
-                 measured=f"{size_ratio:.2f}x", knobs=knobs)
-
-In the test suite and CI (LABKIT_STRICT=1) a claim that does not hold fails the run, as an assert
-would. In a learner's session it shows a highlighted note instead (what was measured, what the book
-expected, the likely reason) and the notebook runs on: a learner who changed a knob, or whose laptop
-was busy during a timing, is not told that their own code is wrong.
+`knobs = labkit.knobs(sparsity=0.8)` holds a section's settings at the book's values, and
+`labkit.claim(size_ratio > 3, "gzip makes the pruned file at least 3x smaller", measured=...,
+knobs=knobs)` states a finding. In the tests and CI (LABKIT_STRICT=1) a claim that does not hold
+fails the run, as an assert would; in a learner's session it shows a note instead (what was
+measured, what the book expected, the likely reason) and the notebook runs on: a learner who
+changed a knob, or whose laptop was busy, is not told that their own code is wrong.
 """
 from __future__ import annotations
 
 import html
 import os
+
+try:   # IPython is there in a notebook; a plain script prints its notes instead
+    from IPython import get_ipython
+    from IPython.display import display
+except ImportError:
+    get_ipython = display = None
 
 
 class ClaimError(AssertionError):
@@ -35,7 +38,8 @@ class Knobs:
 
     def __setattr__(self, name, value):
         if name not in self._book:
-            raise AttributeError(f"this section has no setting {name!r}; its settings are {sorted(self._book)}")
+            raise AttributeError(f"this section has no setting {name!r}; its settings are "
+                                 f"{sorted(self._book)}")
         object.__setattr__(self, name, value)
 
     def changed(self) -> dict:
@@ -49,7 +53,8 @@ class Knobs:
     def __repr__(self) -> str:
         values = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._book)
         changed = self.changed()
-        note = "" if not changed else "  # book: " + ", ".join(f"{n}={b!r}" for n, (_, b) in changed.items())
+        note = "" if not changed else "  # book: " + ", ".join(
+            f"{n}={b!r}" for n, (_, b) in changed.items())
         return f"knobs({values}){note}"
 
 
@@ -60,13 +65,15 @@ def knobs(**book) -> Knobs:
 
 def likely_reason(knobs: Knobs | None, timing: bool) -> str:
     if knobs is not None and knobs.changed():
-        changes = ", ".join(f"{name} = {mine!r} (book: {book!r})" for name, (mine, book) in knobs.changed().items())
-        return f"your settings differ from the book's: {changes}. The claim was written for the book's settings."
+        changes = ", ".join(f"{name} = {mine!r} (book: {book!r})"
+                            for name, (mine, book) in knobs.changed().items())
+        return (f"your settings differ from the book's: {changes}. The claim was written for the "
+                "book's settings.")
     if timing:
-        return ("timings are noisy: the machine may have been busy. Close other programs and run this "
-                "cell again; if it still misses, your CPU simply behaves differently.")
-    return ("your machine or library versions gave a different figure than the book's; if you edited a "
-            "cell above, that may be why.")
+        return ("timings are noisy: the machine may have been busy. Close other programs and run "
+                "this cell again; if it still misses, your CPU simply behaves differently.")
+    return ("your machine or library versions gave a different figure than the book's; if you "
+            "edited a cell above, that may be why.")
 
 
 def claim(holds, what: str, measured: str = "", *, expected: str = "", timing: bool = False,
@@ -77,7 +84,8 @@ def claim(holds, what: str, measured: str = "", *, expected: str = "", timing: b
     if bool(holds):
         return None
     figures = "; ".join(part for part in (f"measured: {measured}" if measured else "",
-                                           f"the book expects: {expected}" if expected else "") if part)
+                                           f"the book expects: {expected}" if expected else "")
+                        if part)
     if strict():
         raise ClaimError(f"claim did not hold: {what}" + (f" ({figures})" if figures else ""))
     reason = likely_reason(knobs, timing)
@@ -86,14 +94,10 @@ def claim(holds, what: str, measured: str = "", *, expected: str = "", timing: b
 
 
 def _show_note(what: str, figures: str, reason: str) -> None:
-    text = f"Claim not met: {what}." + (f" {figures[0].upper() + figures[1:]}." if figures else "") + \
-           f" Likely reason: {reason} The notebook goes on."
-    try:
-        from IPython import get_ipython
-        from IPython.display import display
-        in_notebook = get_ipython() is not None and "IPKernelApp" in get_ipython().config
-    except ImportError:
-        in_notebook = False
+    text = (f"Claim not met: {what}." + (f" {figures[0].upper() + figures[1:]}." if figures else "")
+            + f" Likely reason: {reason} The notebook goes on.")
+    in_notebook = (get_ipython is not None and get_ipython() is not None
+                   and "IPKernelApp" in get_ipython().config)
     if not in_notebook:
         print("NOTE · " + text)
         return

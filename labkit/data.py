@@ -1,4 +1,4 @@
-"""MNIST from data/mnist.npz, checked and split once for the whole book (every notebook).
+"""MNIST from data/mnist.npz, checked and split once for the whole book.
 
 The training set is split into train and a fixed validation part: every tuning decision
 (sensitivity, calibration, settings) uses validation; the test set is for final figures only.
@@ -61,13 +61,15 @@ def read_mnist_arrays(path: Path = MNIST_PATH, sha256: str | None = MNIST_SHA256
         with np.load(path) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except Exception as error:  # a truncated or non-npz file
-        raise DataError(f"MNIST file {path} cannot be read as .npz ({error}). {RESTORE_HINT}") from None
+        raise DataError(f"MNIST file {path} cannot be read as .npz ({error}). "
+                        f"{RESTORE_HINT}") from None
     for key, (shape, dtype) in EXPECTED_SHAPES.items():
         if key not in arrays:
             raise DataError(f"MNIST file {path} has no array '{key}'. {RESTORE_HINT}")
         if arrays[key].shape != shape or arrays[key].dtype != dtype:
             raise DataError(f"MNIST file {path}: '{key}' has shape {arrays[key].shape} and dtype "
-                            f"{arrays[key].dtype}, expected {shape} {np.dtype(dtype)}. {RESTORE_HINT}")
+                            f"{arrays[key].dtype}, expected {shape} {np.dtype(dtype)}. "
+                            f"{RESTORE_HINT}")
     return arrays
 
 

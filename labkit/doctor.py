@@ -5,6 +5,7 @@ before a workshop; the instructor reads the FAIL lines. Exits 1 if any check fai
 """
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import platform
 import shutil
@@ -12,11 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from labkit import ARTIFACTS_DIR, GiB, ROOT
+import psutil
+
+from labkit import ARTIFACTS_DIR, ROOT, GiB, data
+from labkit.machine import cpu_model, usable_cores
 
 SUPPORTED_PYTHON = ((3, 11), (3, 13))   # oldest and newest supported minor versions
-PACKAGES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "ai-edge-quantizer",
-            "ray", "optuna", "jupyterlab", "ipywidgets", "onnxruntime")
+PACKAGES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert",
+            "ai-edge-quantizer", "ray", "optuna", "jupyterlab", "ipywidgets", "onnxruntime")
 MEMORY_GIB = 8       # the book trains and serves in one kernel at a time: 8 GiB is enough
 DISK_GIB = 2         # artifacts/ and build/ grow to about 1 GiB over the whole book
 REINSTALL = 'reinstall: pip install -e ".[dev]" (README, set-up)'
@@ -32,8 +36,9 @@ def check_python() -> dict:
     low, high = SUPPORTED_PYTHON
     if low <= version <= high:
         return line("ok", "python", detail)
-    return line("FAIL", "python", detail, f"use Python {low[0]}.{low[1]} to {high[0]}.{high[1]}: install one "
-                "(python.org, your package manager, or pyenv) and create the virtual environment with it")
+    return line("FAIL", "python", detail,
+                f"use Python {low[0]}.{low[1]} to {high[0]}.{high[1]}: install one (python.org, "
+                "your package manager, or pyenv) and create the virtual environment with it")
 
 
 def check_packages() -> list[dict]:
@@ -44,34 +49,35 @@ def check_packages() -> list[dict]:
         except importlib.metadata.PackageNotFoundError:
             optional = name == "onnxruntime"
             rows.append(line("warn" if optional else "FAIL", name, "not installed",
-                             "notebook 05 skips ONNX Runtime without it; " + REINSTALL if optional else REINSTALL))
+                             "05_graph.ipynb skips ONNX Runtime without it; " + REINSTALL
+                             if optional else REINSTALL))
     return rows
 
 
 def check_resources() -> list[dict]:
-    import psutil
     rows = []
     memory = psutil.virtual_memory()
     detail = f"{memory.available / GiB:.1f} GiB free of {memory.total / GiB:.1f} GiB"
     rows.append(line("ok" if memory.total >= MEMORY_GIB * GiB * 0.9 else "warn", "memory", detail,
                      "" if memory.total >= MEMORY_GIB * GiB * 0.9 else
-                     "below 8 GiB: close the browser tabs and programs you do not need, run one notebook at a time "
-                     "(Kernel > Shut Down All Kernels), and skip notebook 06's Ray cluster"))
+                     "below 8 GiB: close the browser tabs and programs you do not need, run one "
+                     "notebook at a time (Kernel > Shut Down All Kernels), and skip the Ray "
+                     "cluster of 06_distributed.ipynb"))
     free = shutil.disk_usage(ROOT).free
-    rows.append(line("ok" if free >= DISK_GIB * GiB else "FAIL", "disk", f"{free / GiB:.1f} GiB free in {ROOT}",
-                     "" if free >= DISK_GIB * GiB else f"free at least {DISK_GIB} GiB on this disk"))
-    from labkit.machine import cpu_model, usable_cores
+    enough = free >= DISK_GIB * GiB
+    rows.append(line("ok" if enough else "FAIL", "disk", f"{free / GiB:.1f} GiB free in {ROOT}",
+                     "" if enough else f"free at least {DISK_GIB} GiB on this disk"))
     cores = usable_cores()
-    rows.append(line("ok" if cores >= 2 else "warn", "cpu", f"{cpu_model()}, {cores} usable core(s)",
-                     "" if cores >= 2 else "one core: the two-thread and multi-worker cells show no speed-up"))
+    rows.append(line("ok" if cores >= 2 else "warn", "cpu",
+                     f"{cpu_model()}, {cores} usable core(s)", "" if cores >= 2 else
+                     "one core: the two-thread and multi-worker cells show no speed-up"))
     return rows
 
 
 def check_data() -> dict:
-    from labkit import data
     try:
         data.read_mnist_arrays()
-    except Exception as error:   # missing, corrupt or wrong shapes: DataError says how to restore it
+    except Exception as error:   # missing, corrupt or wrong shapes: DataError says how to restore
         return line("FAIL", "data", str(error)[:200], "restore it: git checkout -- data/mnist.npz")
     return line("ok", "data", f"{data.MNIST_PATH.name}: sha256 and shapes as expected")
 
@@ -79,20 +85,24 @@ def check_data() -> dict:
 def run_probe(code: str, timeout_s: int = 120) -> tuple[bool, str]:
     """Run `code` in a fresh Python; (worked, last line of its output)."""
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
-                              cwd=str(ROOT))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=timeout_s, cwd=str(ROOT))
     except subprocess.TimeoutExpired:
         return False, f"no answer within {timeout_s} s"
     text = (done.stdout.strip() or done.stderr.strip() or "(no output)").splitlines()[-1]
     return done.returncode == 0, text[:200]
 
 
-TENSORFLOW_PROBE = ("import labkit; labkit.setup(seed=0); import numpy as np; from labkit import models\n"
-                    "m = models.build_cnn((4, 8), 16); print('tf_keras', m(np.zeros((1, 28, 28, 1), 'float32')).shape)")
+TENSORFLOW_PROBE = ("import labkit; labkit.setup(seed=0); import numpy as np\n"
+                    "from labkit import models\n"
+                    "m = models.build_cnn((4, 8), 16)\n"
+                    "print('tf_keras', m(np.zeros((1, 28, 28, 1), 'float32')).shape)")
 LITERT_PROBE = ("import labkit, tempfile, pathlib, numpy as np; labkit.setup(seed=0)\n"
                 "from labkit import models, measure\n"
-                "p = pathlib.Path(tempfile.mkdtemp()) / 'm.tflite'; models.save_tflite(models.build_cnn((4, 8), 16), p)\n"
-                "r = measure.litert(p); print('LiteRT', r(np.zeros((1, 28, 28, 1), 'float32')).shape)")
+                "p = pathlib.Path(tempfile.mkdtemp()) / 'm.tflite'\n"
+                "models.save_tflite(models.build_cnn((4, 8), 16), p)\n"
+                "r = measure.litert(p)\n"
+                "print('LiteRT', r(np.zeros((1, 28, 28, 1), 'float32')).shape)")
 RAY_PROBE = ("import ray\n"
              "ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=False,"
              " _node_ip_address='127.0.0.1')\n"
@@ -105,8 +115,9 @@ def check_runtimes() -> list[dict]:
     for what, code, fix, optional in (
             ("tensorflow", TENSORFLOW_PROBE, REINSTALL, False),
             ("litert", LITERT_PROBE, REINSTALL, False),
-            ("ray", RAY_PROBE, "notebooks 06 and 09 need Ray: README, Troubleshooting ('Ray cannot start')", True),
-            ("onnxruntime", ONNX_PROBE, "notebook 05 skips ONNX Runtime without it", True)):
+            ("ray", RAY_PROBE, "06_distributed.ipynb and 09_serving.ipynb need Ray: README, "
+             "Troubleshooting ('Ray cannot start')", True),
+            ("onnxruntime", ONNX_PROBE, "05_graph.ipynb skips ONNX Runtime without it", True)):
         worked, text = run_probe(code)
         rows.append(line("ok" if worked else ("warn" if optional else "FAIL"), f"{what} runs", text,
                          "" if worked else fix))
@@ -114,7 +125,8 @@ def check_runtimes() -> list[dict]:
 
 
 def check_chromium() -> dict:
-    found = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).is_file()), None)
+    found = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+                  if Path(p).is_file()), None)
     if found:
         return line("ok", "chromium", found)
     return line("warn", "chromium", "not found (only the browser test needs it)",
@@ -125,12 +137,14 @@ def check_artifacts() -> dict:
     trained = sorted(ARTIFACTS_DIR.glob("baseline-*.keras"))
     manifest = ARTIFACTS_DIR / "kit-manifest.json"
     if manifest.is_file():
-        return line("ok", "models", f"the instructor's bundle is unpacked in {ARTIFACTS_DIR.name}/ ({manifest.name})")
+        return line("ok", "models", f"the instructor's bundle is unpacked in "
+                    f"{ARTIFACTS_DIR.name}/ ({manifest.name})")
     if trained:
-        return line("ok", "models", f"trained models in {ARTIFACTS_DIR.name}/ (baseline {trained[0].stem})")
+        return line("ok", "models",
+                    f"trained models in {ARTIFACTS_DIR.name}/ (baseline {trained[0].stem})")
     return line("warn", "models", f"{ARTIFACTS_DIR.name}/ holds no trained model yet",
-                "the notebooks will train (about 15 minutes in all on 2 cores); in a workshop, unpack the "
-                "instructor's bundle: python -m labkit.kit unpack <bundle>")
+                "the notebooks will train (about 15 minutes in all on 2 cores); in a workshop, "
+                "unpack the instructor's bundle: python -m labkit.kit unpack <bundle>")
 
 
 def checks(probes: bool = True) -> list[dict]:
@@ -141,16 +155,19 @@ def checks(probes: bool = True) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m labkit.doctor", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="skip the probes that start TensorFlow, LiteRT and Ray")
+    parser = argparse.ArgumentParser(prog="python -m labkit.doctor",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the probes that start TensorFlow, LiteRT and Ray")
     args = parser.parse_args(argv)
     rows = checks(probes=not args.quick)
     width = max(len(r["check"]) for r in rows)
     for row in rows:
-        print(f"{row['status']:<4}  {row['check']:<{width}}  {row['detail']}" + (f"\n      fix: {row['fix']}" if row["fix"] else ""))
+        print(f"{row['status']:<4}  {row['check']:<{width}}  {row['detail']}"
+              + (f"\n      fix: {row['fix']}" if row["fix"] else ""))
     failed = [r["check"] for r in rows if r["status"] == "FAIL"]
-    print(f"\n{len(rows)} checks: {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ", ready for the book"))
+    print(f"\n{len(rows)} checks: {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else ", ready for the book"))
     return 1 if failed else 0
 
 

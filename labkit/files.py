@@ -75,5 +75,6 @@ def content_key(*parts, digits: int = 10) -> str:
         elif part is None:
             digest.update(b"None")
         else:
-            raise TypeError(f"content_key hashes bytes, str or NumPy arrays, got {type(part).__name__}")
+            raise TypeError(f"content_key hashes bytes, str or NumPy arrays, "
+                            f"got {type(part).__name__}")
     return digest.hexdigest()[:digits]

@@ -1,16 +1,13 @@
 """Open the lab book in JupyterLab: `python -m labkit.lab` (extra arguments go to JupyterLab).
 
-Owns the JupyterLab launch (README's first command; the browser test of notebook 07 starts it).
-Serves notebooks/ on localhost only, with JupyterLab's token authentication kept.
-
-This entry point does not call labkit.setup(): it replaces this process with
-JupyterLab (os.execv), so nothing setup() sets in it would survive; each notebook calls
-setup() first in its own kernel. Importing labkit here still sets the environment switches
-(legacy Keras, quiet logs) that JupyterLab and its kernels inherit.
+Owns the JupyterLab launch (README's first command; the browser test of the pipeline notebook
+starts it). Serves notebooks/ on localhost only, with JupyterLab's token authentication kept.
+It does not call labkit.setup(): it replaces this process with JupyterLab (os.execv), so nothing
+setup() set would survive; each notebook calls setup() in its own kernel. Importing labkit here
+still sets the environment switches (legacy Keras, quiet logs) the kernels inherit.
 """
 import os
 import sys
-
 from pathlib import Path
 
 from labkit import NOTEBOOKS_DIR

@@ -1,11 +1,10 @@
-"""Honest measurement: accuracy, latency, throughput, size, parameters, MACs (every notebook).
-
-Memory has its own module, labkit.memory.
+"""Honest measurement: accuracy, latency, throughput, size, parameters, MACs.
 
 Every model kind is wrapped in a *runner*: a callable that takes a float32 batch of shape
 (n, 28, 28, 1) and returns logits as a NumPy array. A runner's ``timed`` says exactly what one
 timed call includes. Variants that are compared are timed *interleaved* in one loop, so a
-noisy neighbour or a clock change hits them all alike.
+noisy neighbour or a clock change hits them all alike. TensorFlow is imported only by the
+runners and counters that need it: LiteRT's side runs without it. Memory: labkit.memory.
 """
 from __future__ import annotations
 
@@ -19,15 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import labkit  # noqa: F401  (sets the legacy-Keras switch before TensorFlow loads)
 import numpy as np
 import pandas as pd
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
 from labkit import ARTIFACTS_DIR, tflite
 from labkit.files import content_key, sha256_of, write_json
 from labkit.machine import machine_info, usable_cores, versions
 
-ACCURACY_DIR = ARTIFACTS_DIR / "accuracy"   # measured accuracies of .tflite files (no workshop bundle ships them)
+# measured accuracies of .tflite files (no workshop bundle ships them)
+ACCURACY_DIR = ARTIFACTS_DIR / "accuracy"
 
 
 # ----------------------------------------------------------------------------- runners
@@ -49,8 +50,8 @@ def keras_predict(model, name: str = "keras predict") -> Runner:
     with labkit.quiet_stderr():  # the first predict logs a harmless tf.data attribute warning
         model.predict(np.zeros((1, *model.input_shape[1:]), np.float32), verbose=0)
     return Runner(name, lambda x: model.predict(x, verbose=0),
-                  "model.predict(x): sets up a data adapter and predict loop on every call, runs the graph, "
-                  "returns NumPy")
+                  "model.predict(x): sets up a data adapter and predict loop on every call, "
+                  "runs the graph, returns NumPy")
 
 
 def keras_call(model, name: str = "keras call") -> Runner:
@@ -59,7 +60,7 @@ def keras_call(model, name: str = "keras call") -> Runner:
 
 
 def tf_function(model, name: str = "tf.function", jit_compile: bool = False) -> Runner:
-    import tensorflow as tf
+    import tensorflow as tf  # here, not at the top: measure is imported without TensorFlow
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
     graph_fn = tf.function(lambda x: model(x, training=False), input_signature=[spec],
                            jit_compile=jit_compile)
@@ -68,15 +69,19 @@ def tf_function(model, name: str = "tf.function", jit_compile: bool = False) -> 
 
 
 def check_saved_model(path) -> Path:
-    """The path, if it is a SavedModel directory; FileNotFoundError or ValueError saying what is wrong."""
+    """The path, if it is a SavedModel directory; FileNotFoundError or ValueError saying what is
+    wrong."""
+    # here, not at the top: TensorFlow's protocol buffers load TensorFlow
     from google.protobuf.message import DecodeError
     from tensorflow.core.protobuf import saved_model_pb2
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"No SavedModel at {path}. Export one with tf.saved_model.save(model, path).")
+        raise FileNotFoundError(f"No SavedModel at {path}. Export one with "
+                                "tf.saved_model.save(model, path).")
     if not path.is_dir():
-        raise ValueError(f"{path} is a file, but a SavedModel is a directory holding saved_model.pb "
-                         "and variables/ (a single .tflite file: use measure.litert).")
+        raise ValueError(f"{path} is a file, but a SavedModel is a directory holding "
+                         "saved_model.pb and variables/ (a single .tflite file: use "
+                         "measure.litert).")
     pb = path / "saved_model.pb"
     if not pb.is_file():
         raise ValueError(f"{path} holds no saved_model.pb, so it is not a SavedModel directory.")
@@ -90,7 +95,7 @@ def check_saved_model(path) -> Path:
 
 
 def saved_model(path, name: str = "SavedModel", signature: str = "serving_default") -> Runner:
-    import tensorflow as tf
+    import tensorflow as tf  # here, not at the top: measure is imported without TensorFlow
     path = check_saved_model(path)
     loaded = tf.saved_model.load(str(path))
     fn = loaded.signatures[signature]
@@ -112,9 +117,9 @@ class LiteRTModel:
     """
 
     def __init__(self, path, num_threads: int | None = None, xnnpack: bool = True):
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
         self.path = tflite.check(path)
-        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        resolver = (OpResolverType.AUTO if xnnpack
+                    else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         try:
             with labkit.quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate"
                 self.interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads,
@@ -154,7 +159,8 @@ class LiteRTModel:
         return y
 
 
-def litert(path, num_threads: int | None = 1, xnnpack: bool = True, name: str | None = None) -> Runner:
+def litert(path, num_threads: int | None = 1, xnnpack: bool = True,
+           name: str | None = None) -> Runner:
     model = LiteRTModel(path, num_threads=num_threads, xnnpack=xnnpack)
     label = name or f"LiteRT {'XNNPACK' if xnnpack else 'built-in kernels'} {num_threads} thread(s)"
     runner = Runner(label, model, "set_tensor + invoke + get_tensor on a LiteRT interpreter "
@@ -167,7 +173,7 @@ def litert(path, num_threads: int | None = 1, xnnpack: bool = True, name: str | 
 # ----------------------------------------------------------------------------- accuracy
 
 def on_every_core(runner: Callable) -> Callable:
-    """For an accuracy pass: a LiteRT runner re-opened with one thread per usable core, else `runner`.
+    """For an accuracy pass: a LiteRT runner re-opened with a thread per usable core, else `runner`.
 
     Latency is measured on one thread (a fair, quiet comparison); accuracy is not a timing, and
     LiteRT's kernels split a batch's outputs between threads without changing any sum, so the
@@ -205,7 +211,8 @@ def _count_correct(runner: Callable, x: np.ndarray, y: np.ndarray, batch_size: i
 
 
 def _file_accuracy(model: LiteRTModel, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
-    """A LiteRT model's accuracy, kept as artifacts/accuracy/<key>.json (never in a workshop bundle).
+    """A LiteRT model's accuracy, kept as artifacts/accuracy/<key>.json (never in a workshop
+    bundle).
 
     The key hashes everything the count depends on: the bytes of the file as the runner loaded it,
     its kernels, the LiteRT version, the batch size and the bytes of the images and labels.
@@ -252,14 +259,15 @@ class Latency:
 
 def measure_latency(runners, images: np.ndarray, *, warmup: int = 10, repeats: int = 100,
                     budget_s: float | None = None, min_calls: int = 30, seed: int = 0) -> Latency:
-    """Batch-1 latency of each runner, interleaved: each round calls every runner once, in a shuffled order.
+    """Batch-1 latency of each runner, interleaved: each round calls every runner once, shuffled.
 
     Warm-up calls (first-call tracing, allocation, caches) are made and discarded first.
     One call is timed with time.perf_counter_ns around the runner, so Python's own call
     overhead is inside the figure, as it is for any Python program that uses the model.
     With `budget_s`, a runner whose timed calls have taken that many seconds in all, over at
     least `min_calls` calls, sits out the remaining rounds (a runner at tens of milliseconds a
-    call would otherwise take most of the time); `Latency.summary()`'s `calls` says how many each got.
+    call would otherwise take most of the time); `Latency.summary()`'s `calls` says how many each
+    got.
     """
     runners = list(runners)
     if not runners:
@@ -267,8 +275,8 @@ def measure_latency(runners, images: np.ndarray, *, warmup: int = 10, repeats: i
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if budget_s is not None and (not budget_s > 0 or min_calls < 1):
-        raise ValueError(f"budget_s must be positive (None: no budget) and min_calls >= 1, got {budget_s} "
-                         f"and {min_calls}")
+        raise ValueError(f"budget_s must be positive (None: no budget) and min_calls >= 1, got "
+                         f"{budget_s} and {min_calls}")
     names = [r.name for r in runners]
     if len(set(names)) != len(names):
         raise ValueError(f"runner names must be unique, got {names}")
@@ -285,7 +293,8 @@ def measure_latency(runners, images: np.ndarray, *, warmup: int = 10, repeats: i
         x = singles[i % len(singles)]
         for j in rng.permutation(len(runners)):
             runner = runners[j]
-            if budget_us is not None and spent_us[runner.name] >= budget_us and len(samples[runner.name]) >= min_calls:
+            if (budget_us is not None and spent_us[runner.name] >= budget_us
+                    and len(samples[runner.name]) >= min_calls):
                 continue
             start = time.perf_counter_ns()
             runner(x)
@@ -297,10 +306,12 @@ def measure_latency(runners, images: np.ndarray, *, warmup: int = 10, repeats: i
 
 
 def first_calls(path, images: np.ndarray, calls: int = 50, xnnpack: bool = True) -> dict:
-    """A fresh LiteRT interpreter's first call against its later ones, in us (notebook 04b): work an op
-    does once, at the first invoke (LiteRT's DEQUANTIZE of constant weights), shows as a slow first call."""
+    """A fresh LiteRT interpreter's first call against its later ones, in us: work an op does
+    once, at the first invoke (LiteRT's DEQUANTIZE of constant weights), shows as a slow first
+    call."""
     if calls < 3:
-        raise ValueError(f"calls must be at least 3 (the first, the second, and later ones), got {calls}")
+        raise ValueError("calls must be at least 3 (the first, the second, and later ones), "
+                         f"got {calls}")
     runner, images = litert(path, xnnpack=xnnpack), np.ascontiguousarray(images, dtype=np.float32)
     times = []
     for i in range(calls):
@@ -308,7 +319,8 @@ def first_calls(path, images: np.ndarray, calls: int = 50, xnnpack: bool = True)
         start = time.perf_counter_ns()
         runner(x)
         times.append((time.perf_counter_ns() - start) / 1e3)
-    return {"first_call_us": times[0], "second_call_us": times[1], "later_p50_us": float(np.median(times[2:]))}
+    return {"first_call_us": times[0], "second_call_us": times[1],
+            "later_p50_us": float(np.median(times[2:]))}
 
 
 def measure_throughput(runners, images: np.ndarray, batch_size: int = 256, rounds: int = 3,
@@ -330,13 +342,14 @@ def measure_throughput(runners, images: np.ndarray, batch_size: int = 256, round
             for batch in batches:
                 runner(batch)
             rates[runner.name].append(len(batches) * batch_size / (time.perf_counter() - start))
-    return pd.Series({name: float(np.median(r)) for name, r in rates.items()}, name="throughput_ips")
+    return pd.Series({name: float(np.median(r)) for name, r in rates.items()},
+                     name="throughput_ips")
 
 
 def side_by_side(paths: dict, x: np.ndarray, y: np.ndarray, *, latency_images: np.ndarray,
                  reference: str | None = None, repeats: int = 300, warmup: int = 20,
                  threads: int = 1) -> tuple[pd.DataFrame, Latency]:
-    """Several .tflite files measured in one run: accuracy on (x, y), size, gzip size, batch-1 latency.
+    """Several .tflite files measured in one run: accuracy on (x, y), size, gzip size, latency.
 
     `paths` is {label: .tflite path}. All latencies come from one interleaved loop, so their ratios
     are fair; with `reference` (a label) the table adds gzip_ratio and speedup_p50 against it.
@@ -347,7 +360,8 @@ def side_by_side(paths: dict, x: np.ndarray, y: np.ndarray, *, latency_images: n
     runners = [litert(path, num_threads=threads, name=label) for label, path in paths.items()]
     latency = measure_latency(runners, latency_images, warmup=warmup, repeats=repeats)
     rows = [{"variant": runner.name, "accuracy": accuracy(runner, x, y),
-             "size_bytes": size_bytes(paths[runner.name]), "gzip_bytes": gzip_bytes(paths[runner.name]),
+             "size_bytes": size_bytes(paths[runner.name]),
+             "gzip_bytes": gzip_bytes(paths[runner.name]),
              "latency_p50_us": latency.p50(runner.name), "latency_p95_us": latency.p95(runner.name),
              "artifact": str(paths[runner.name])} for runner in runners]
     table = pd.DataFrame(rows).set_index("variant")
@@ -362,7 +376,8 @@ def verdicts(measured: dict, targets: dict) -> pd.DataFrame:
     missing = set(targets) - set(measured)
     if missing:
         raise ValueError(f"no measured figure for the targets {sorted(missing)}")
-    return pd.DataFrame([{"figure": name, "measured": float(measured[name]), "target": float(target),
+    return pd.DataFrame([{"figure": name, "measured": float(measured[name]),
+                          "target": float(target),
                           "met": bool(float(measured[name]) >= float(target))}
                          for name, target in targets.items()])
 
@@ -379,7 +394,8 @@ def size_bytes(path) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _gzip_file_bytes(path: str, inode: int, size: int, mtime_ns: int) -> int:
-    """gzip -9 bytes of one version of a file (the arguments name the version; notebooks ask again)."""
+    """gzip -9 bytes of one version of a file (the arguments name the version: notebooks ask
+    again)."""
     return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
 
 
@@ -420,7 +436,7 @@ def count_params(model) -> dict:
 
 def layer_macs(model) -> pd.DataFrame:
     """Multiply-accumulates per image of each Conv2D, DepthwiseConv2D and Dense layer."""
-    import tf_keras as keras
+    import tf_keras as keras  # here, not at the top: measure is imported without TensorFlow
     rows = []
     for wrapper in model.layers:
         layer = _inner(wrapper)
@@ -434,7 +450,8 @@ def layer_macs(model) -> pd.DataFrame:
             c_in = wrapper.input_shape[-1] // layer.groups
             macs = h * w * c_out * kh * kw * c_in
         elif isinstance(layer, keras.layers.Dense):
-            positions = int(np.prod(wrapper.output_shape[1:-1])) if len(wrapper.output_shape) > 2 else 1
+            shape = wrapper.output_shape
+            positions = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
             macs = positions * wrapper.input_shape[-1] * layer.units
         else:
             continue

@@ -1,4 +1,4 @@
-"""Memory: how much a process holds while a model runs (notebook 01).
+"""Memory: how much a process holds while a model runs (the baseline chapter measures it).
 
 Two probes. `peak_rss_during` samples this process's resident set while a function runs: in a
 notebook that includes TensorFlow's own hundreds of MiB. `litert_process_memory` starts a fresh
@@ -43,7 +43,8 @@ def peak_rss_during(fn: Callable, *args, interval_s: float = 0.0005, **kwargs) -
         done.set()
         thread.join()
     peak[0] = max(peak[0], _rss())
-    return {"rss_before_bytes": before, "rss_peak_bytes": peak[0], "rss_growth_bytes": peak[0] - before}
+    return {"rss_before_bytes": before, "rss_peak_bytes": peak[0],
+            "rss_growth_bytes": peak[0] - before}
 
 
 _LITERT_MEMORY_PROBE = r"""

@@ -1,27 +1,30 @@
-"""Models, the spine's part (notebook 01 and every notebook after it).
+"""Models, the spine's part: the baseline and everything every chapter after it builds on.
 
 Owns: the one CNN builder (`build_cnn`, with or without batch norm), deterministic training
-(`train`) and the one fine-tune plan (`FineTune`, `fine_tune`), listing weight layers and kernels,
-the one model cache (`cached`: keyed by the settings *and* the input model's weights), the one
-atomic .tflite writer (`save_tflite`), and the baseline: trained once, cached, exported.
+(`train`, `TrainSettings`) and the one fine-tune plan (`FineTune`, `fine_tune`), listing weight
+layers and kernels, the one model cache (`cached`: keyed by the settings *and* the input model's
+weights), the one .tflite writer (`save_tflite`), and the baseline: trained once, cached, exported.
 Technique modules build on these; this module knows no technique.
 """
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import labkit  # sets the legacy-Keras switch before TensorFlow loads
 import numpy as np
+
+import labkit  # sets the legacy-Keras switch before TensorFlow loads
+from labkit import ARTIFACTS_DIR, files
+from labkit.data import load_mnist
 
 tf = labkit.import_tensorflow_quietly(start_runtime=False)
 import tf_keras as keras  # noqa: E402
-
-from labkit import ARTIFACTS_DIR, files
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,13 @@ def build_cnn(conv_filters=(32, 64), dense_units: int = 128, *, batchnorm: bool 
               dropout: float = 0.25, seed: int = 0, name: str = "cnn") -> keras.Model:
     """The book's one CNN: a conv block per entry of `conv_filters`, then a dense head; logits out.
 
-    With batch norm a block is conv{i} (no bias: the norm has its own shift) -> bn{i} -> relu{i} ->
-    pool{i}; without it, conv{i} carries a bias and its ReLU -> pool{i}. The head is flatten ->
-    dense1 (ReLU) -> dropout (when dropout > 0) -> logits (10 units, no softmax).
+    With batch norm a block is conv{i} (no bias: the norm has its own shift) -> bn{i} -> relu{i}
+    -> pool{i}; without it, conv{i} carries a bias and its ReLU -> pool{i}. The head is flatten
+    -> dense1 (ReLU) -> dropout (when dropout > 0) -> logits (10 units, no softmax).
     """
     if not conv_filters or any(int(f) < 1 for f in conv_filters) or int(dense_units) < 1:
-        raise ValueError(f"conv_filters and dense_units must be positive counts, got {conv_filters} "
-                         f"and {dense_units}")
+        raise ValueError(f"conv_filters and dense_units must be positive counts, got "
+                         f"{conv_filters} and {dense_units}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout is a fraction in [0, 1), got {dropout}")
     keras.utils.set_random_seed(seed)
@@ -58,11 +61,13 @@ def build_cnn(conv_filters=(32, 64), dense_units: int = 128, *, batchnorm: bool 
     x = inputs
     for i, filters in enumerate(conv_filters, start=1):
         if batchnorm:
-            x = keras.layers.Conv2D(int(filters), 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+            x = keras.layers.Conv2D(int(filters), 3, padding="same", use_bias=False,
+                                    name=f"conv{i}")(x)
             x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
             x = keras.layers.ReLU(name=f"relu{i}")(x)
         else:
-            x = keras.layers.Conv2D(int(filters), 3, padding="same", activation="relu", name=f"conv{i}")(x)
+            x = keras.layers.Conv2D(int(filters), 3, padding="same", activation="relu",
+                                    name=f"conv{i}")(x)
         x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(int(dense_units), activation="relu", name="dense1")(x)
@@ -73,14 +78,15 @@ def build_cnn(conv_filters=(32, 64), dense_units: int = 128, *, batchnorm: bool 
 
 
 def build_baseline(config: BaselineConfig = BaselineConfig()) -> keras.Model:
-    """The baseline: Conv+BatchNorm+ReLU blocks, then a dense head (notebook 01)."""
-    return build_cnn(config.conv_filters, config.dense_units, batchnorm=True, dropout=config.dropout,
-                     seed=config.seed, name="baseline_cnn")
+    """The baseline: Conv+BatchNorm+ReLU blocks, then a dense head."""
+    return build_cnn(config.conv_filters, config.dense_units, batchnorm=True,
+                     dropout=config.dropout, seed=config.seed, name="baseline_cnn")
 
 
 def compile_for_training(model: keras.Model, learning_rate, decay_steps: int | None = None,
                          loss=None, metrics=None) -> keras.Model:
-    """Adam, by default on logits against labels; with decay_steps, the rate follows a cosine to 0."""
+    """Adam, by default on logits against labels; with decay_steps the rate follows a cosine
+    to 0."""
     if decay_steps:
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
@@ -101,32 +107,44 @@ class TqdmCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if batch % 20 == 0 and logs:   # shown at the bar's next (throttled) redraw
-            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}", refresh=False)
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}",
+                                 refresh=False)
         self.bar.update(1)
 
     def on_train_end(self, logs=None):
         self.bar.close()
 
 
-def train(model: keras.Model, x, y, *, epochs: int, batch_size: int, learning_rate: float,
-          seed: int = 0, x_val=None, y_val=None, progress: bool = True,
-          callbacks: list | None = None, cosine_decay: bool = True, loss=None, metrics=None,
-          description: str = "training") -> dict:
-    """Deterministic fit (fixed seeds, op determinism); returns the history (floats) and the time taken.
+@dataclass(frozen=True)
+class TrainSettings:
+    """How `train` fits: epochs, batch size, the starting rate and the seed; with cosine_decay
+    the rate follows a cosine from `learning_rate` to 0 over all steps."""
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int = 0
+    cosine_decay: bool = True
 
-    `loss` and `metrics` replace cross-entropy on logits and accuracy (distillation passes its own).
+
+def train(model: keras.Model, x, y, settings: TrainSettings, *, validation=None,
+          progress: bool = True, callbacks: list | None = None, loss=None, metrics=None,
+          description: str = "training") -> dict:
+    """Deterministic fit (fixed seeds, op determinism); returns the history (floats) and the time.
+
+    `validation` is (x_val, y_val) or None. `loss` and `metrics` replace cross-entropy on logits
+    and accuracy (distillation passes its own).
     """
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(settings.seed)
     tf.config.experimental.enable_op_determinism()
-    steps = epochs * int(np.ceil(len(x) / batch_size))
-    compile_for_training(model, learning_rate, decay_steps=steps if cosine_decay else None,
+    steps = settings.epochs * int(np.ceil(len(x) / settings.batch_size))
+    compile_for_training(model, settings.learning_rate,
+                         decay_steps=steps if settings.cosine_decay else None,
                          loss=loss, metrics=metrics)
     callbacks = list(callbacks or [])
     if progress:
         callbacks.append(TqdmCallback(steps, description))
-    validation = (x_val, y_val) if x_val is not None else None
     start = time.perf_counter()
-    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True,
+    history = model.fit(x, y, epochs=settings.epochs, batch_size=settings.batch_size, shuffle=True,
                         validation_data=validation, callbacks=callbacks, verbose=0)
     return {"history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
             "train_seconds": time.perf_counter() - start}
@@ -147,10 +165,11 @@ class FineTune:
 
     def __post_init__(self):
         if self.train_subset is not None and self.train_subset < 1:
-            raise ValueError(f"train_subset is a number of images (or None: all), got {self.train_subset}")
+            raise ValueError("train_subset is a number of images (or None: all), "
+                             f"got {self.train_subset}")
         if self.epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
-            raise ValueError("epochs and batch_size must be at least 1 and learning_rate positive, got "
-                             f"{self.epochs}, {self.batch_size}, {self.learning_rate}")
+            raise ValueError("epochs and batch_size must be at least 1 and learning_rate positive, "
+                             f"got {self.epochs}, {self.batch_size}, {self.learning_rate}")
 
     def subset(self, x, y):
         return x[:self.train_subset], y[:self.train_subset]   # None: all
@@ -159,20 +178,24 @@ class FineTune:
         n = n_images if self.train_subset is None else min(n_images, self.train_subset)
         return self.epochs * int(np.ceil(n / self.batch_size))
 
+    def training(self) -> TrainSettings:
+        """The plan as `train` takes it (a cosine from learning_rate to 0)."""
+        return TrainSettings(self.epochs, self.batch_size, self.learning_rate, self.seed)
 
-def fine_tune(model: keras.Model, splits, plan: FineTune = FineTune(), *, callbacks=(), progress: bool = True,
-              validation: bool = False, description: str = "fine-tune") -> dict:
-    """Train `model` (plain or tfmot-wrapped) by `plan` on the training split; the record of the run."""
+
+def fine_tune(model: keras.Model, splits, plan: FineTune = FineTune(), *, callbacks=(),
+              progress: bool = True, validation: bool = False,
+              description: str = "fine-tune") -> dict:
+    """Train `model` (plain or tfmot-wrapped) by `plan` on the training split; the run's record."""
     x, y = plan.subset(splits.x_train, splits.y_train)
-    fit = train(model, x, y, epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
-                seed=plan.seed, x_val=splits.x_val if validation else None,
-                y_val=splits.y_val if validation else None, progress=progress, callbacks=list(callbacks),
-                description=description)
+    fit = train(model, x, y, plan.training(),
+                validation=(splits.x_val, splits.y_val) if validation else None,
+                progress=progress, callbacks=list(callbacks), description=description)
     return {**fit, "plan": asdict(plan)}
 
 
 def progress_callback(stage: str, steps: int, on_progress) -> keras.callbacks.Callback:
-    """A Keras callback that reports `on_progress(stage, fraction_done)` (a widget's progress bar)."""
+    """A Keras callback that reports `on_progress(stage, fraction_done)` (a widget's bar)."""
     class Progress(keras.callbacks.Callback):
         done = 0
 
@@ -196,24 +219,26 @@ WEIGHT_LAYER_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.l
 
 
 def weight_layers(model: keras.Model, min_weights: int = 0) -> list[str]:
-    """Names of the Conv2D, DepthwiseConv2D and Dense layers whose kernel has >= min_weights entries.
+    """Names of the Conv2D, DepthwiseConv2D and Dense layers with >= min_weights kernel entries.
 
     Through tfmot wrappers: a pruning or QAT wrapper around conv2 is listed as conv2.
     """
     names = []
     for wrapper in model.layers:
         layer = _unwrap(wrapper)
-        if isinstance(layer, WEIGHT_LAYER_TYPES) and int(np.prod(_kernel_variable(layer).shape)) >= min_weights:
+        if (isinstance(layer, WEIGHT_LAYER_TYPES)
+                and int(np.prod(_kernel_variable(layer).shape)) >= min_weights):
             names.append(layer.name)
     return names
 
 
 def _kernel_variable(layer):
-    return layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D) else layer.kernel
+    depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+    return layer.depthwise_kernel if depthwise else layer.kernel
 
 
 def kernel(model: keras.Model, name: str) -> np.ndarray:
-    """The kernel of layer `name` as a NumPy array (the layer's name, or that of a tfmot wrapper around it)."""
+    """The kernel of layer `name` as a NumPy array (the layer's name, or its tfmot wrapper's)."""
     found = [w for w in model.layers if w.name == name or _unwrap(w).name == name]
     if not found:
         raise ValueError(f"no layer named {name!r}; the weight layers are {weight_layers(model)}")
@@ -222,8 +247,9 @@ def kernel(model: keras.Model, name: str) -> np.ndarray:
         raise ValueError(f"layer {name!r} is a {type(layer).__name__}, which has no kernel; "
                          f"the weight layers are {weight_layers(model)}")
     variable = _kernel_variable(layer)
-    if not hasattr(variable, "numpy"):   # a QAT wrapper swaps the layer's kernel for its quantized tensor
-        suffix = "/depthwise_kernel:0" if isinstance(layer, keras.layers.DepthwiseConv2D) else "/kernel:0"
+    if not hasattr(variable, "numpy"):   # a QAT wrapper swaps the kernel for its quantized tensor
+        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+        suffix = "/depthwise_kernel:0" if depthwise else "/kernel:0"
         variable = next(v for v in wrapper.weights if v.name.endswith(suffix))
     return variable.numpy()
 
@@ -239,13 +265,11 @@ def load_or_train_baseline(config: BaselineConfig = BaselineConfig(), splits=Non
     if (cached := load_cached(path)) is not None:
         return cached
     if splits is None:
-        from labkit.data import load_mnist
         splits = load_mnist()
     x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]   # None: all
     model = build_baseline(config)
-    fit = train(model, x, y, epochs=config.epochs, batch_size=config.batch_size,
-                learning_rate=config.learning_rate, seed=config.seed,
-                x_val=splits.x_val, y_val=splits.y_val, progress=progress)
+    settings = TrainSettings(config.epochs, config.batch_size, config.learning_rate, config.seed)
+    fit = train(model, x, y, settings, validation=(splits.x_val, splits.y_val), progress=progress)
     record = {"config": asdict(config), "train_seconds": fit["train_seconds"],
               "history": fit["history"],
               "tensorflow": tf.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -262,7 +286,8 @@ def _json_value(value):
     try:
         return list(value)
     except TypeError:
-        raise TypeError(f"a cache record holds a {type(value).__name__}, which JSON cannot store") from None
+        raise TypeError(f"a cache record holds a {type(value).__name__}, "
+                        "which JSON cannot store") from None
 
 
 def settings_key(settings) -> str:
@@ -294,7 +319,8 @@ def load_cached(path: Path, compile: bool = True):
 
 
 def clone_with_weights(model: keras.Model) -> keras.Model:
-    """A fresh copy with the same weights: tfmot wrappers reuse layers, so never hand them the baseline."""
+    """A fresh copy with the same weights: tfmot wrappers reuse layers, so never give them the
+    baseline itself."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     return copy
@@ -368,8 +394,6 @@ def converter_messages(what: str):
     On failure the last lines it printed (usually naming the op or setting it could not handle)
     are attached to a RuntimeError that says `what` failed.
     """
-    import tempfile
-    import warnings
     with tempfile.TemporaryFile() as log, warnings.catch_warnings():
         # int8 input without "quantized input stats" is expected: the ranges come from
         # calibration or from quantization-aware training
@@ -380,7 +404,8 @@ def converter_messages(what: str):
         except Exception as error:
             log.seek(0)
             lines = log.read().decode(errors="replace").strip().splitlines()
-            raise RuntimeError(f"{what} failed: {error}\nThe converter said:\n" + "\n".join(lines[-40:])) from error
+            raise RuntimeError(f"{what} failed: {error}\nThe converter said:\n"
+                               + "\n".join(lines[-40:])) from error
 
 
 def save_tflite(source, path: Path) -> Path:
@@ -420,6 +445,6 @@ def export_baseline(model: keras.Model, config: BaselineConfig = BaselineConfig(
 
 
 def baseline_tflite(config: BaselineConfig = BaselineConfig()) -> Path:
-    """Path of the baseline's float32 .tflite, trained and exported first if need be (notebooks 02-08)."""
+    """Path of the baseline's float32 .tflite, trained and exported first if need be."""
     model, _ = load_or_train_baseline(config)
     return export_baseline(model, config)["tflite"]

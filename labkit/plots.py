@@ -1,4 +1,5 @@
-"""Plots the notebooks, the explorer and the book report share (the spine draws; techniques do not).
+"""Plots the notebooks, the explorer and the book report share (the spine draws; techniques
+do not).
 
 Each function returns its matplotlib Figure.
 """
@@ -53,21 +54,28 @@ def axis(column: str) -> tuple[str, float]:
     return AXES.get(column, (column, 1.0))
 
 
-def tradeoff(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy", size: str = "gzip_bytes"):
+def tradeoff(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy",
+             size: str = "gzip_bytes"):
     """The book report's overview: every variant, coloured by technique; only the Pareto frontier
-    (numbered, listed beside the plot) and the baseline are labelled; the report's table lists the rest."""
+    (numbered, listed beside the plot) and the baseline are labelled; the report's table lists
+    the rest."""
     return pareto_plot(table, x, y, size, title="Every measured variant: up and left is better")
 
 
-def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy", size: str = "gzip_bytes",
-                techniques=None, highlight: str | None = None, ylim=None, ax=None, title: str | None = None,
-                labels: dict | None = None):
-    """Every variant of the store, one colour per technique, the Pareto frontier ringed and numbered.
+# Columns whose values span decades: drawn on a log axis.
+SPANS_DECADES = ("latency_p50_us", "latency_p95_us", "size_bytes", "gzip_bytes", "throughput_ips")
+
+
+def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accuracy",
+                size: str = "gzip_bytes", techniques=None, highlight: str | None = None, ylim=None,
+                ax=None, title: str | None = None, labels: dict | None = None):
+    """Every variant of the store, one colour per technique, the Pareto frontier ringed, numbered.
 
     The frontier is computed over all three objectives (accuracy, latency, gzip size) and over
     the whole table, so a ringed point can look beaten in this two-axis view: it wins on the
     third axis. `ylim` zooms in; the title says how many variants the zoom leaves out. `labels`
-    renames axes, e.g. {"accuracy": "validation accuracy"} when that column holds validation figures.
+    renames axes, e.g. {"accuracy": "validation accuracy"} when that column holds validation
+    figures.
     """
     table = table.copy()
     table["pareto"] = results.pareto_front(table)
@@ -78,36 +86,61 @@ def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accura
         fig, ax = plt.subplots(figsize=(11, 5.5))
     else:
         fig = ax.figure
-    (x_label, x_factor), (y_label, y_factor) = axis(x), axis(y)
-    x_label, y_label = (labels or {}).get(x, x_label), (labels or {}).get(y, y_label)
     lines = []
     if not table.empty:
-        px, py = table[x].astype(float) * x_factor, table[y].astype(float) * y_factor
-        sizes = table[size].astype(float) if size in table else pd.Series(0.0, index=table.index)
-        scale = max(float(sizes.max()), 1.0) if sizes.notna().any() else 1.0
-        for technique, group in table.groupby("technique"):
-            ax.scatter(px[group.index], py[group.index], s=25 + 400 * sizes[group.index].fillna(0) / scale,
-                       alpha=0.6, label=technique, color=technique_colour(technique))
-        front = table[table["pareto"]].sort_values(x)
-        ax.scatter(px[front.index], py[front.index], s=160, facecolors="none", edgecolors="black",
-                   linewidths=1.5, label="Pareto frontier")
-        for number, (index, row) in enumerate(front.iterrows(), start=1):
-            ax.annotate(str(number), (px[index], py[index]), fontsize=8, weight="bold", xytext=(5, 4),
-                        textcoords="offset points")
-            lines.append(f"{number:>2}  {row['variant']}")
-        for index in table.index[table["variant"] == results.BASELINE_VARIANT]:
-            ax.annotate("baseline (LiteRT float32)", (px[index], py[index]), fontsize=8, xytext=(6, -12),
-                        textcoords="offset points")
-        if highlight is not None and highlight in set(table["variant"]):
-            index = table.index[table["variant"] == highlight][0]
-            ax.scatter([px[index]], [py[index]], s=300, marker="*", color="red", label=f"selected: {highlight}")
+        px, py = table[x].astype(float) * axis(x)[1], table[y].astype(float) * axis(y)[1]
+        _scatter_techniques(ax, table, px, py, size)
+        lines = _ring_frontier(ax, table, px, py, x)
+        _mark_baseline_and_choice(ax, table, px, py, highlight)
         ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0)
     ax.text(1.01, 1.0, "Pareto frontier\n" + "\n".join(lines), transform=ax.transAxes, va="top",
             fontsize=7, family="monospace")
-    spans_decades = ("latency_p50_us", "latency_p95_us", "size_bytes", "gzip_bytes", "throughput_ips")
-    if x in spans_decades:
+    _label_axes(ax, table, x, y, size, ylim, title, labels)
+    fig.tight_layout()
+    return fig
+
+
+def _scatter_techniques(ax, table, px, py, size: str) -> None:
+    """One colour per technique; a marker's area grows with the `size` column."""
+    sizes = table[size].astype(float) if size in table else pd.Series(0.0, index=table.index)
+    scale = max(float(sizes.max()), 1.0) if sizes.notna().any() else 1.0
+    for technique, group in table.groupby("technique"):
+        ax.scatter(px[group.index], py[group.index],
+                   s=25 + 400 * sizes[group.index].fillna(0) / scale,
+                   alpha=0.6, label=technique, color=technique_colour(technique))
+
+
+def _ring_frontier(ax, table, px, py, x: str) -> list[str]:
+    """Ring and number the Pareto frontier from left to right; one line per number for the list."""
+    front = table[table["pareto"]].sort_values(x)
+    ax.scatter(px[front.index], py[front.index], s=160, facecolors="none", edgecolors="black",
+               linewidths=1.5, label="Pareto frontier")
+    lines = []
+    for number, (index, row) in enumerate(front.iterrows(), start=1):
+        ax.annotate(str(number), (px[index], py[index]), fontsize=8, weight="bold", xytext=(5, 4),
+                    textcoords="offset points")
+        lines.append(f"{number:>2}  {row['variant']}")
+    return lines
+
+
+def _mark_baseline_and_choice(ax, table, px, py, highlight: str | None) -> None:
+    """Name the baseline, and star the variant a learner selected (`highlight`)."""
+    for index in table.index[table["variant"] == results.BASELINE_VARIANT]:
+        ax.annotate("baseline (LiteRT float32)", (px[index], py[index]), fontsize=8,
+                    xytext=(6, -12), textcoords="offset points")
+    if highlight is not None and highlight in set(table["variant"]):
+        index = table.index[table["variant"] == highlight][0]
+        ax.scatter([px[index]], [py[index]], s=300, marker="*", color="red",
+                   label=f"selected: {highlight}")
+
+
+def _label_axes(ax, table, x: str, y: str, size: str, ylim, title, labels) -> None:
+    """Log scales where values span decades, axis labels with units, the zoom and the title."""
+    (x_label, _), (y_label, y_factor) = axis(x), axis(y)
+    x_label, y_label = (labels or {}).get(x, x_label), (labels or {}).get(y, y_label)
+    if x in SPANS_DECADES:
         ax.set_xscale("log")
-    if y in spans_decades:
+    if y in SPANS_DECADES:
         ax.set_yscale("log")
     title = title or "Every variant in the results store: up and to the left is better"
     title += f" (marker area: {axis(size)[0].split(' (')[0]})"
@@ -119,12 +152,10 @@ def pareto_plot(table: pd.DataFrame, x: str = "latency_p50_us", y: str = "accura
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
 
 
 def latency_against_load(runs: pd.DataFrame, slo_p99_ms: float | None = None):
-    """Load runs of a served model (notebook 09): p99 and answered throughput against offered load.
+    """Load runs of a served model (`serving.study`): p99 and answered throughput against load.
 
     One line per setting; the knee of a p99 curve is where the queue starts to build.
     """
@@ -133,7 +164,8 @@ def latency_against_load(runs: pd.DataFrame, slo_p99_ms: float | None = None):
         group = group.sort_values("offered_rps")
         line, = left.plot(group["offered_rps"], group["p99_ms"], "o-", label=setting)
         left.plot(group["offered_rps"], group["p50_ms"], "--", lw=0.8, color=line.get_color())
-        right.plot(group["offered_rps"], group["throughput_rps"], "o-", label=setting, color=line.get_color())
+        right.plot(group["offered_rps"], group["throughput_rps"], "o-", label=setting,
+                   color=line.get_color())
     if slo_p99_ms is not None:
         left.axhline(slo_p99_ms, color="grey", ls=":", label=f"SLO: p99 < {slo_p99_ms:g} ms")
     if len(runs):
@@ -141,7 +173,8 @@ def latency_against_load(runs: pd.DataFrame, slo_p99_ms: float | None = None):
         right.plot([0, top], [0, top], color="grey", ls=":", label="answered = offered")
     left.set(xlabel="offered load (requests/s)", ylabel="latency (ms, log): p99 solid, p50 dashed",
              yscale="log", title="Latency against load")
-    right.set(xlabel="offered load (requests/s)", ylabel="answered (requests/s)", title="Throughput")
+    right.set(xlabel="offered load (requests/s)", ylabel="answered (requests/s)",
+              title="Throughput")
     left.legend(fontsize=7)
     fig.tight_layout()
     return fig

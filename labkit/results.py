@@ -1,23 +1,23 @@
-"""The one results store, results/measurements.csv, that every notebook writes to, and its Pareto front.
+"""The one results store, results/measurements.csv, that every notebook writes to, and its
+Pareto front.
 
 Rows are keyed by `variant`: recording a variant again replaces its row. Every write goes
-to a temporary file that then replaces the store in one step, so an interrupted write
-leaves the previous store whole. `pareto_front` marks the variants no other variant dominates
-(notebooks 07 and 08, the explorer, the book report); `frontier` re-measures every stored file in
-one interleaved run on the validation split, the frontier notebook 07 draws.
+through `files.write_atomic` under a file lock, so an interrupted write leaves the previous store
+whole. `pareto_front` marks the variants no other variant dominates (the pipeline and search
+chapters, the explorer, the book report); `bench.frontier` re-measures the stored files.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
+from labkit import RESULTS_DIR, ROOT, files, measure
 from labkit.machine import machine_string
-from labkit import RESULTS_DIR, ROOT
 
 # LABKIT_RESULTS points a whole process (a test's kernel, say) at another store.
 BASELINE_VARIANT = "baseline-float32-tflite"   # every speed-up is measured against it
@@ -29,7 +29,8 @@ TECHNIQUES = ("baseline", "pruning", "clustering", "quantization", "graph", "run
 
 
 def store_path(path=None) -> Path:
-    """`path`, or the store's default, RESULTS_PATH, read when called (so tests can point it elsewhere)."""
+    """`path`, or the store's default, RESULTS_PATH, read when called (so tests can point it
+    elsewhere)."""
     return Path(RESULTS_PATH if path is None else path)
 
 
@@ -42,7 +43,8 @@ def load(path: Path | None = None) -> pd.DataFrame:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} cannot be read as a CSV table ({type(error).__name__}: "
-                         f"{str(error).strip()[:200]}), so it is not a labkit results store. Move it "
+                         f"{str(error).strip()[:200]}), so it is not a labkit results store. "
+                         "Move it "
                          "aside; the notebooks will write a fresh one.") from None
     missing = set(COLUMNS) - set(table.columns)
     if missing:
@@ -78,21 +80,7 @@ def validate(row: dict) -> dict:
 
 def _locked(path: Path):
     """Serialise read-modify-write across processes, on every OS (filelock: POSIX and Windows)."""
-    from filelock import FileLock
     return FileLock(str(path.with_suffix(".lock")), timeout=120)
-
-
-def _atomic_write(table: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".measurements-", suffix=".csv")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            table.to_csv(f, index=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def upsert(rows, path: Path | None = None) -> pd.DataFrame:
@@ -111,14 +99,15 @@ def upsert(rows, path: Path | None = None) -> pd.DataFrame:
         old = load(path)
         old = old[~old["variant"].isin(new["variant"])]
         table = new if old.empty else pd.concat([old, new], ignore_index=True)
-        _atomic_write(table, path)
+        files.write_atomic(path, lambda tmp: table.to_csv(tmp, index=False))
     return table
 
 
 def make_row(variant: str, technique: str, notebook: str, *, accuracy=None, latency=None,
-             runner_name: str | None = None, throughput_ips=None, artifact=None, machine=None) -> dict:
-    """A store row for one variant; sizes come from the artifact, latency from a `measure.Latency`."""
-    from labkit import measure
+             runner_name: str | None = None, throughput_ips=None, artifact=None,
+             machine=None) -> dict:
+    """A store row for one variant; sizes come from the artifact, latency from a
+    `measure.Latency`."""
     row = {"variant": variant, "technique": technique, "notebook": notebook,
            "accuracy": accuracy, "throughput_ips": throughput_ips,
            "artifact": artifact, "machine": machine or machine_string()}
@@ -132,15 +121,18 @@ def make_row(variant: str, technique: str, notebook: str, *, accuracy=None, late
     return row
 
 
-def record_table(table: pd.DataFrame, latency, technique: str, notebook: str, names: dict | None = None,
+def record_table(table: pd.DataFrame, latency, technique: str, notebook: str,
+                 names: dict | None = None,
                  path: Path | None = None) -> pd.DataFrame:
-    """Store the rows of a measure.side_by_side table; `names` ({label: variant}) picks and renames them.
+    """Store the rows of a measure.side_by_side table; `names` ({label: variant}) picks and
+    renames them.
 
     Without `names` every row is stored under its label. Returns the whole store.
     """
     names = {label: label for label in table.index} if names is None else names
-    rows = [make_row(variant, technique, notebook, accuracy=float(table.loc[label, "accuracy"]), latency=latency,
-                     runner_name=label, artifact=table.loc[label, "artifact"]) for label, variant in names.items()]
+    rows = [make_row(variant, technique, notebook, accuracy=float(table.loc[label, "accuracy"]),
+                     latency=latency, runner_name=label, artifact=table.loc[label, "artifact"])
+            for label, variant in names.items()]
     return upsert(rows, path)
 
 # ----------------------------------------------------------------------------- the Pareto front
@@ -160,13 +152,16 @@ def pareto_front(table: pd.DataFrame, objectives=OBJECTIVES) -> pd.Series:
         if sense not in ("max", "min"):
             raise ValueError(f"objective sense must be 'max' or 'min', got {sense!r} for {column}")
         if column not in table.columns:
-            raise ValueError(f"no column {column!r} in the table; columns are {list(table.columns)}")
+            raise ValueError(f"no column {column!r} in the table; columns are "
+                             f"{list(table.columns)}")
     columns = [column for column, _ in objectives]
     complete = table[columns].notna().all(axis=1)
     # Turn every objective into "smaller is better".
-    values = np.stack([(-1 if sense == "max" else 1) * table.loc[complete, column].astype(float).to_numpy()
+    values = np.stack([(-1 if sense == "max" else 1)
+                       * table.loc[complete, column].astype(float).to_numpy()
                        for column, sense in objectives], axis=1)
-    at_least_as_good = (values[:, None, :] <= values[None, :, :]).all(axis=2)  # [a, b]: a <= b everywhere
+    # [a, b]: a <= b everywhere
+    at_least_as_good = (values[:, None, :] <= values[None, :, :]).all(axis=2)
     strictly_better = (values[:, None, :] < values[None, :, :]).any(axis=2)
     dominated = (at_least_as_good & strictly_better).any(axis=0)
     front = pd.Series(False, index=table.index)

@@ -1,4 +1,4 @@
-"""Reading .tflite files: ops, input/output types, tensors and weights (notebooks 01-08).
+"""Reading .tflite files: ops, input/output types, tensors and weights.
 
 The spine's one reader of the flatbuffer a converter writes. Every notebook that asks "what is
 in the file?" (which ops run, in which dtype; the int8 weights and their scales; how big the
@@ -8,12 +8,18 @@ private helpers (`_get_ops_details`). A weight tensor belongs to a layer by one 
 """
 from __future__ import annotations
 
+import gzip
 import re
 from pathlib import Path
 
-import labkit
+import flatbuffers
+import ml_dtypes
 import numpy as np
 import pandas as pd
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+import labkit
 
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 # Layer-like parts of a tensor name: the book's conv1, conv2, dense1, logits, factor layers such as
@@ -22,29 +28,33 @@ _LAYER_LIKE = re.compile(r"^(conv\d+|dense\d+|logits)(_[a-z0-9]+)?$")
 
 
 def check(path) -> Path:
-    """The path, if it is a .tflite flatbuffer; FileNotFoundError or ValueError saying what is wrong."""
+    """The path, if it is a .tflite flatbuffer; FileNotFoundError or ValueError saying what is
+    wrong."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"No .tflite file at {path}. Convert one first (labkit.models.save_tflite).")
+        raise FileNotFoundError(f"No .tflite file at {path}. Convert one first "
+                                "(labkit.models.save_tflite).")
     if not path.is_file():
         raise ValueError(f"{path} is a directory, but a .tflite model is one file "
-                         "(a directory with saved_model.pb is a SavedModel: use measure.saved_model).")
+                         "(a directory with saved_model.pb is a SavedModel: use "
+                         "measure.saved_model).")
     with open(path, "rb") as f:
         head = f.read(8)
     if len(head) < 8 or head[4:8] != b"TFL3":
-        raise ValueError(f"{path} is not a TFLite model: a .tflite flatbuffer carries the identifier "
-                         f"b'TFL3' at bytes 4-8, this file has {head[4:8]!r}.")
+        raise ValueError(f"{path} is not a TFLite model: a .tflite flatbuffer carries the "
+                         f"identifier b'TFL3' at bytes 4-8, this file has {head[4:8]!r}.")
     return path
 
 
 def interpreter(path, num_threads: int | None = None):
-    """A LiteRT interpreter on `path` with tensors allocated and no delegate, so every tensor stays readable."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    """A LiteRT interpreter on `path` with tensors allocated and no delegate, so every tensor
+    stays readable."""
     path = check(path)
+    builtin = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     try:
         with labkit.quiet_stderr():
             found = Interpreter(model_path=str(path), num_threads=num_threads,
-                                experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+                                experimental_op_resolver_type=builtin)
             found.allocate_tensors()
     except ValueError as error:
         raise ValueError(f"{path} is not a valid .tflite model: {error}") from None
@@ -75,8 +85,8 @@ def _layer_like(tensor_name: str) -> str | None:
 
 
 def layer_like(tensor_name: str) -> str | None:
-    """The layer a tensor belongs to without a list of layers: its first layer-like name part (conv2,
-    dense1, dense1_a, logits), or None; the rule `weights` uses when it is given no layers."""
+    """The layer a tensor belongs to without a list of layers: its first layer-like name part
+    (conv2, dense1, dense1_a, logits), or None; the rule `weights` uses when given no layers."""
     return _layer_like(tensor_name)
 
 
@@ -85,8 +95,8 @@ def _op_details(found) -> list:
 
 
 def _flatbuffer(path):
-    """The parsed flatbuffer (LiteRT's generated schema classes): what the interpreter does not expose."""
-    from ai_edge_litert import schema_py_generated as schema
+    """The parsed flatbuffer (LiteRT's generated schema classes): what the interpreter does not
+    expose."""
     return schema.ModelT.InitFromPackedBuf(bytearray(check(path).read_bytes()), 0)
 
 
@@ -95,10 +105,10 @@ def _enum_names(enum_class) -> dict:
 
 
 def ops(path) -> pd.DataFrame:
-    """One row per op in execution order: op name, fused activation, output shape, tensor indices."""
-    from ai_edge_litert import schema_py_generated as schema
+    """One row per op in execution order: op name, fused activation, output shape, tensors."""
     model = _flatbuffer(path)
-    names, activations = _enum_names(schema.BuiltinOperator), _enum_names(schema.ActivationFunctionType)
+    names = _enum_names(schema.BuiltinOperator)
+    activations = _enum_names(schema.ActivationFunctionType)
     graph = model.subgraphs[0]
     rows = []
     for op in graph.operators:
@@ -109,8 +119,10 @@ def ops(path) -> pd.DataFrame:
         rows.append({"op": names.get(builtin, f"custom/{builtin}"),
                      "fused_activation": activations[fused] if fused is not None else "",
                      "output_shape": tuple(int(d) for d in graph.tensors[op.outputs[0]].shape),
-                     "inputs": [int(i) for i in op.inputs], "outputs": [int(i) for i in op.outputs]})
-    return pd.DataFrame(rows, columns=["op", "fused_activation", "output_shape", "inputs", "outputs"])
+                     "inputs": [int(i) for i in op.inputs],
+                     "outputs": [int(i) for i in op.outputs]})
+    return pd.DataFrame(rows, columns=["op", "fused_activation", "output_shape", "inputs",
+                                       "outputs"])
 
 
 def delegated_ops(path, num_threads: int = 1) -> pd.DataFrame:
@@ -120,7 +132,6 @@ def delegated_ops(path, num_threads: int = 1) -> pd.DataFrame:
     over; which ops a partition holds follows from its inputs and outputs (litert_quant.xnnpack_ops
     works it out). Columns op, inputs, outputs (tensor indices), in execution order.
     """
-    from ai_edge_litert.interpreter import Interpreter
     path = check(path)
     with labkit.quiet_stderr():
         found = Interpreter(model_path=str(path), num_threads=num_threads)
@@ -143,7 +154,8 @@ def io_dtypes(path) -> tuple:
 
 
 def tensors(path) -> pd.DataFrame:
-    """Every tensor of the file: name, dtype, shape, bytes, quantization, and whether it is stored in it.
+    """Every tensor of the file: name, dtype, shape, bytes, quantization, whether the file
+    stores it.
 
     A tensor is `constant` (a weight or bias, stored in the file) when no op produces it and it
     is not a graph input.
@@ -188,14 +200,16 @@ def weights(path, layers=None) -> dict:
         out[name or t["name"]] = {
             "values": found.get_tensor(index).copy(), "dtype": np.dtype(t["dtype"]),
             "scales": q["scales"], "zero_points": q["zero_points"],
-            "quantized_dimension": int(q["quantized_dimension"]), "op": d["op_name"], "tensor": t["name"],
-            "op_index": op_index,
-            "bias": None if bias_index is None else found.get_tensor(widened.get(bias_index, bias_index)).copy()}
+            "quantized_dimension": int(q["quantized_dimension"]), "op": d["op_name"],
+            "tensor": t["name"], "op_index": op_index,
+            "bias": None if bias_index is None
+            else found.get_tensor(widened.get(bias_index, bias_index)).copy()}
     return out
 
 
 def arena_bytes(path) -> dict:
-    """Activation memory a LiteRT model needs: every non-constant tensor, and the peak of those alive at once.
+    """Activation memory a LiteRT model needs: every non-constant tensor, and the peak of those
+    alive at once.
 
     LiteRT's arena planner places tensors whose lifetimes do not overlap in the same bytes,
     so its arena sits between `planned_peak_bytes` (the best any plan can do) and
@@ -222,12 +236,14 @@ def arena_bytes(path) -> dict:
                 last[i] = step
     for d in found.get_output_details():
         last[d["index"]] = len(op_list)
-    peak = max(sum(nbytes(i) for i in activations if first.get(i, -1) <= step <= last.get(i, first.get(i, -1)))
+    peak = max(sum(nbytes(i) for i in activations
+                   if first.get(i, -1) <= step <= last.get(i, first.get(i, -1)))
                for step in range(len(op_list)))
-    return {"all_activations_bytes": sum(nbytes(i) for i in activations), "planned_peak_bytes": peak}
+    return {"all_activations_bytes": sum(nbytes(i) for i in activations),
+            "planned_peak_bytes": peak}
 
 
-# ----------------------------------------------------------------------------- as stored in the file
+# ------------------------------------------------------------------------- as stored in the file
 
 def _unpack_int4(data: np.ndarray, count: int) -> np.ndarray:
     """Signed 4-bit codes, two to a byte (low nibble first), as int8."""
@@ -250,7 +266,7 @@ def _buffer_data(model, raw: bytes, buffer: int) -> np.ndarray | None:
 
 
 def stored_tensors(path) -> pd.DataFrame:
-    """Every tensor as the flatbuffer stores it (notebook 04b), which the interpreter does not say.
+    """Every tensor as the flatbuffer stores it, which the interpreter does not say.
 
     The interpreter reports an INT4 tensor as int8 with one byte per weight; the file packs two
     codes to a byte. Columns: name, type (the schema's name: FLOAT32, INT8, INT4, ...), shape,
@@ -258,7 +274,6 @@ def stored_tensors(path) -> pd.DataFrame:
     quantized_dimension, block_size (blockwise quantization: weights per scale; 0 otherwise) and
     scales_tensor (the tensor index holding a blockwise tensor's scales, else -1).
     """
-    from ai_edge_litert import schema_py_generated as schema
     model, raw = _flatbuffer(path), check(path).read_bytes()
     names = _enum_names(schema.TensorType)
     rows = []
@@ -267,49 +282,50 @@ def stored_tensors(path) -> pd.DataFrame:
         q, block_size, scales_tensor = t.quantization, 0, -1
         if q is not None and q.detailsType == schema.QuantizationDetails.BlockwiseQuantization:
             block_size, scales_tensor = int(q.details.blockSize), int(q.details.scales)
-        rows.append({"index": index, "name": t.name.decode() if isinstance(t.name, bytes) else t.name,
+        scales = q.scale if q is not None and q.scale is not None else []
+        zero_points = q.zeroPoint if q is not None and q.zeroPoint is not None else []
+        rows.append({"index": index,
+                     "name": t.name.decode() if isinstance(t.name, bytes) else t.name,
                      "type": names.get(t.type, str(t.type)),
                      "shape": tuple(int(d) for d in (t.shape if t.shape is not None else ())),
                      "stored_bytes": 0 if data is None else len(data),
-                     "scales": np.asarray(q.scale if q is not None and q.scale is not None else [], np.float32),
-                     "zero_points": np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [],
-                                               np.int64),
+                     "scales": np.asarray(scales, np.float32),
+                     "zero_points": np.asarray(zero_points, np.int64),
                      "quantized_dimension": int(q.quantizedDimension) if q is not None else 0,
                      "block_size": block_size, "scales_tensor": scales_tensor})
     return pd.DataFrame(rows).set_index("index")
 
 
 def stored_values(path, index: int) -> np.ndarray:
-    """The values of constant tensor `index` as stored: INT4 codes unpacked to int8, others as their dtype."""
-    import ml_dtypes
-    from ai_edge_litert import schema_py_generated as schema
+    """The values of constant tensor `index` as stored: INT4 codes unpacked to int8, others as
+    their dtype."""
     model = _flatbuffer(path)
     t = model.subgraphs[0].tensors[index]
     data = _buffer_data(model, check(path).read_bytes(), t.buffer)
     if data is None:
-        raise ValueError(f"tensor {index} ({t.name!r}) has no data in the file: it is an activation")
+        raise ValueError(f"tensor {index} ({t.name!r}) has no data in the file: "
+                         "it is an activation")
     shape = tuple(int(d) for d in t.shape)
     dtypes = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16,
-              schema.TensorType.INT32: np.int32, schema.TensorType.INT8: np.int8, schema.TensorType.UINT8: np.uint8,
+              schema.TensorType.INT32: np.int32, schema.TensorType.INT8: np.int8,
+              schema.TensorType.UINT8: np.uint8,
               schema.TensorType.INT64: np.int64, schema.TensorType.INT16: np.int16,
               schema.TensorType.BFLOAT16: ml_dtypes.bfloat16}
     if t.type == schema.TensorType.INT4:
         return _unpack_int4(data, int(np.prod(shape))).reshape(shape)
     if t.type not in dtypes:
-        raise ValueError(f"tensor {index} has type {_enum_names(schema.TensorType)[t.type]}, which this reader "
-                         "does not decode")
+        raise ValueError(f"tensor {index} has type {_enum_names(schema.TensorType)[t.type]}, "
+                         "which this reader does not decode")
     return data.view(dtypes[t.type]).reshape(shape)
 
 
 def structure_bytes(path) -> dict:
-    """Bytes of a file that are not tensor data (graph, names, quantization parameters), raw and gzipped.
+    """Bytes of a file that are not tensor data (graph, names, quantization parameters), raw and
+    gzipped.
 
     Measured by writing the same flatbuffer with every buffer emptied: what no weight
-    compression can remove (notebook 04b's closing note).
+    compression can remove.
     """
-    import gzip
-
-    import flatbuffers
     model = _flatbuffer(path)
     data_bytes = sum(len(b.data) if b.data is not None else b.size for b in model.buffers)
     for b in model.buffers:
@@ -317,5 +333,6 @@ def structure_bytes(path) -> dict:
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     empty = bytes(builder.Output())
-    return {"file_bytes": check(path).stat().st_size, "data_bytes": data_bytes, "structure_bytes": len(empty),
+    return {"file_bytes": check(path).stat().st_size, "data_bytes": data_bytes,
+            "structure_bytes": len(empty),
             "structure_gzip_bytes": len(gzip.compress(empty, compresslevel=9, mtime=0))}

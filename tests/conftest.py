@@ -1,7 +1,8 @@
 """Shared fixtures: tiny models, the data, and throw-away stores, so tests take seconds."""
-import labkit  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
 import numpy as np
 import pytest
+
+import labkit  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
 
 TINY_IMAGES = 512   # training images for the tiny models: enough to beat chance clearly, in seconds
 
@@ -27,14 +28,17 @@ def splits():
 @pytest.fixture(scope="session")
 def tiny_config():
     from labkit.models import BaselineConfig
-    return BaselineConfig(conv_filters=(4, 8), dense_units=16, epochs=1, batch_size=64, train_subset=TINY_IMAGES)
+    return BaselineConfig(conv_filters=(4, 8), dense_units=16, epochs=1, batch_size=64,
+                          train_subset=TINY_IMAGES)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_config, splits):
-    """The baseline's shape (conv + batch norm), 4 and 8 filters, 16 dense units, one epoch on 512 images."""
+    """The baseline's shape (conv + batch norm), 4 and 8 filters, 16 dense units, one epoch on
+    512 images."""
     from labkit.models import load_or_train_baseline
-    model, _ = load_or_train_baseline(tiny_config, splits, directory=tmp_path_factory.mktemp("tiny"),
+    model, _ = load_or_train_baseline(tiny_config, splits,
+                                      directory=tmp_path_factory.mktemp("tiny"),
                                       progress=False)
     return model
 
@@ -56,11 +60,12 @@ def tiny_bn_model(tiny_model):
 
 @pytest.fixture(scope="session")
 def tiny_plain_model(splits):
-    """models.build_cnn((4, 8), 16, batchnorm=False) trained like tiny_model: conv layers with bias."""
+    """models.build_cnn((4, 8), 16, batchnorm=False) trained like tiny_model: conv layers with
+    bias."""
     from labkit import models
     model = models.build_cnn((4, 8), 16, batchnorm=False, name="tiny_plain")
-    models.train(model, splits.x_train[:TINY_IMAGES], splits.y_train[:TINY_IMAGES], epochs=1, batch_size=64,
-                 learning_rate=2e-3, progress=False)
+    models.train(model, splits.x_train[:TINY_IMAGES], splits.y_train[:TINY_IMAGES],
+                 models.TrainSettings(epochs=1, batch_size=64, learning_rate=2e-3), progress=False)
     return model
 
 
@@ -86,7 +91,7 @@ def artifacts_dir(tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked after_notebooks run last, once the notebooks (collected after tests/) have cached
-    their models."""
+    """Tests marked after_notebooks run last, once the notebooks (collected after tests/) have
+    cached their models."""
     later = [item for item in items if item.get_closest_marker("after_notebooks")]
     items[:] = [item for item in items if not item.get_closest_marker("after_notebooks")] + later

@@ -1,6 +1,4 @@
 """labkit.claim: strict in the tests and CI, a note that explains in a learner's session."""
-import subprocess
-import sys
 
 import pytest
 
@@ -9,12 +7,15 @@ from labkit import ROOT, claims
 
 
 def test_the_test_suite_runs_strict():
-    assert claims.strict(), "conftest sets LABKIT_STRICT=1 so that notebooks and tests fail on a missed claim"
+    assert claims.strict(), \
+        "conftest sets LABKIT_STRICT=1 so that notebooks and tests fail on a missed claim"
 
 
 def test_a_claim_that_holds_says_nothing_and_one_that_misses_fails_in_strict_mode(capsys):
-    assert labkit.claim(3.2 > 3, "gzip makes it 3x smaller", "3.20x") is None   # a cell ending with it prints nothing
-    with pytest.raises(labkit.ClaimError, match=r"claim did not hold: gzip makes it 3x smaller \(measured: 2.10x; "
+    # a cell ending with it prints nothing
+    assert labkit.claim(3.2 > 3, "gzip makes it 3x smaller", "3.20x") is None
+    with pytest.raises(labkit.ClaimError,
+                       match=r"claim did not hold: gzip makes it 3x smaller \(measured: 2.10x; "
                                                 r"the book expects: > 3x\)"):
         labkit.claim(2.1 > 3, "gzip makes it 3x smaller", "2.10x", expected="> 3x")
     assert capsys.readouterr().out == ""
@@ -44,15 +45,17 @@ def test_knobs_refuse_a_setting_the_section_does_not_have():
 
 
 def test_in_a_kernel_the_note_is_highlighted_html_with_a_plain_text_copy():
-    from nbclient import NotebookClient
     import nbformat
+    from nbclient import NotebookClient
     code = ("import labkit\nknobs = labkit.knobs(k=16)\nknobs.k = 4\n"
             "labkit.claim(False, 'k=16 keeps the accuracy', '0.97', knobs=knobs)\nprint('went on')")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
     env_note = "import os; os.environ['LABKIT_STRICT'] = '0'\n"
     nb.cells.insert(0, nbformat.v4.new_code_cell(env_note))
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = nb.cells[1].outputs
     shown = [o for o in outputs if o.output_type == "display_data"]
-    assert shown and "Likely reason" in shown[0].data["text/html"] and "k = 4 (book: 16)" in shown[0].data["text/plain"]
+    assert shown and "Likely reason" in shown[0].data["text/html"]
+    assert "k = 4 (book: 16)" in shown[0].data["text/plain"]
     assert any("went on" in o.get("text", "") for o in outputs)

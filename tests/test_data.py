@@ -5,17 +5,20 @@ from labkit import data
 
 
 def test_load_mnist_splits_are_checked_scaled_and_disjoint(splits):
-    assert len(splits.x_train) == 55000 and len(splits.x_val) == 5000 and len(splits.x_test) == 10000
+    assert len(splits.x_train) == 55000 and len(splits.x_val) == 5000
+    assert len(splits.x_test) == 10000
     assert splits.x_train.shape[1:] == (28, 28, 1) and splits.x_train.dtype == np.float32
     assert 0.0 == splits.x_train.min() and splits.x_train.max() == 1.0
     # the canonical set: mean pixel 0.1307 over all 60,000 training images
     pixels = np.concatenate([splits.x_train, splits.x_val])
     assert abs(pixels.mean() - 0.1307) < 5e-4
-    assert np.bincount(splits.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert np.bincount(splits.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958,
+                                                   1028, 974, 1009]
     raw = data.read_mnist_arrays()
     val_rows = {row.tobytes() for row in (splits.x_val[:200] * 255).round().astype(np.uint8)}
     train_rows = {row.tobytes() for row in (splits.x_train * 255).round().astype(np.uint8)}
-    assert len(val_rows & train_rows) <= 1  # MNIST has a few duplicate images; the split itself is disjoint
+    # MNIST has a few duplicate images; the split itself is disjoint
+    assert len(val_rows & train_rows) <= 1
     assert raw["y_test"][:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 
 
@@ -23,7 +26,8 @@ def test_validation_split_is_fixed():
     first = data.load_mnist()
     data._CACHE.clear()
     second = data.load_mnist()
-    assert np.array_equal(first.y_val, second.y_val) and np.array_equal(first.x_val[:50], second.x_val[:50])
+    assert np.array_equal(first.y_val, second.y_val) and np.array_equal(first.x_val[:50],
+                                                                        second.x_val[:50])
 
 
 def test_arrays_are_read_only(splits):

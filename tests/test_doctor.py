@@ -5,7 +5,8 @@ from labkit import data, doctor
 def test_quick_doctor_passes_here_and_prints_one_line_per_check(capsys):
     assert doctor.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    for check in ("python", "tensorflow", "ai-edge-litert", "memory", "disk", "cpu", "data", "chromium", "models"):
+    for check in ("python", "tensorflow", "ai-edge-litert", "memory", "disk", "cpu", "data",
+                  "chromium", "models"):
         assert any(line.split()[1:2] == [check] for line in out.splitlines()), check
     assert "0 failed" in out
 

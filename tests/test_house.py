@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "labkit"
-SPINE = {"labkit", "labkit.claims", "labkit.files", "labkit.machine", "labkit.data", "labkit.models",
-         "labkit.measure", "labkit.memory", "labkit.results", "labkit.plots", "labkit.bench",
-         "labkit.tflite"}
+SPINE = {"labkit", "labkit.claims", "labkit.files", "labkit.machine", "labkit.data",
+         "labkit.models", "labkit.measure", "labkit.memory", "labkit.results", "labkit.plots",
+         "labkit.bench", "labkit.tflite"}
 COMPOSERS = {"labkit.pipeline", "labkit.search", "labkit.widgets", "labkit.book"}
 ENTRY_POINTS = ("labkit.targets", "labkit.check", "labkit.doctor", "labkit.kit", "labkit.lab")
 
@@ -34,7 +34,8 @@ def imports(package: Path = PACKAGE) -> dict:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(here.split(".")[:len(here.split(".")) - node.level + 1] + [base])
+                    parts = here.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + [base])
                     base = base.strip(".")
                 for alias in node.names:   # `from labkit import measure` names a module
                     found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)

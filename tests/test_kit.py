@@ -11,7 +11,8 @@ from labkit import files, kit, models
 
 @pytest.fixture()
 def instructor(tmp_path, tiny_model):
-    """An instructor's artifacts/ with one real cache entry (a tiny model) and a .tflite beside it."""
+    """An instructor's artifacts/ with one real cache entry (a tiny model) and a .tflite beside
+    it."""
     artifacts = tmp_path / "instructor" / "artifacts"
     built = []
     def build():
@@ -27,7 +28,8 @@ def test_round_trip_the_learner_loads_instead_of_building(instructor, tmp_path, 
     bundle = kit.pack_models(instructor, tmp_path / "kit")
     learner = tmp_path / "learner" / "artifacts"     # a fresh clone: no artifacts/ yet
     report = kit.unpack(bundle, learner)
-    assert sorted(report["added"]) == sorted(str(p.relative_to(instructor)) for p in kit.model_files(instructor))
+    assert sorted(report["added"]) == sorted(str(p.relative_to(instructor))
+                                             for p in kit.model_files(instructor))
     assert json.loads((learner / kit.MANIFEST).read_text())["versions"] == kit.installed_versions()
 
     def must_not_build():
@@ -41,7 +43,8 @@ def test_round_trip_the_learner_loads_instead_of_building(instructor, tmp_path, 
 
 
 def rewrite(bundle, out, change):
-    """A copy of `bundle` with `change(name, data) -> data or None (drop)` applied to each member."""
+    """A copy of `bundle` with `change(name, data) -> data or None (drop)` applied to each
+    member."""
     with tarfile.open(bundle, "r:gz") as source, tarfile.open(out, "w:gz") as target:
         for member in source.getmembers():
             data = change(member.name, source.extractfile(member).read())
@@ -63,17 +66,21 @@ def test_a_corrupt_partial_or_truncated_bundle_is_refused_naming_the_file(instru
     bundle = kit.pack_models(instructor, tmp_path / "kit")
     learner = tmp_path / "learner"
     flipped = rewrite(bundle, tmp_path / "flipped.tar.gz",
-                      lambda name, data: data[:-1] + bytes([data[-1] ^ 1]) if name.endswith(".tflite") else data)
-    with pytest.raises(kit.KitError, match=r"corrupt: demo/tiny.tflite does not match its checksum"):
+                      lambda name,
+                      data: data[:-1] + bytes([data[-1] ^ 1]) if name.endswith(".tflite") else data)
+    with pytest.raises(kit.KitError,
+                       match=r"corrupt: demo/tiny.tflite does not match its checksum"):
         kit.unpack(flipped, learner)
-    partial = rewrite(bundle, tmp_path / "partial.tar.gz", lambda name, data: None if name.endswith(".tflite") else data)
+    partial = rewrite(bundle, tmp_path / "partial.tar.gz", lambda name,
+                      data: None if name.endswith(".tflite") else data)
     with pytest.raises(kit.KitError, match=r"incomplete: demo/tiny.tflite is missing"):
         kit.unpack(partial, learner)
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
     with pytest.raises(kit.KitError, match="damaged or incomplete"):
         kit.unpack(truncated, learner)
-    assert not any(p for p in (learner / "demo").rglob("*")) if (learner / "demo").exists() else True
+    assert not any(p
+                   for p in (learner / "demo").rglob("*")) if (learner / "demo").exists() else True
     assert kit.main(["unpack", str(flipped)]) == 1   # the command says "refused" and exits 1
 
 
@@ -94,12 +101,14 @@ def test_a_learners_own_model_is_kept_unless_they_say_replace(instructor, tmp_pa
     learner = tmp_path / "learner"
     (learner / "demo").mkdir(parents=True)
     (learner / "demo" / "tiny.tflite").write_bytes(b"the learner's own newer model")
-    report = kit.unpack(bundle, learner, ask=lambda prompt: "y")   # not a terminal: never asks, keeps
+    # not a terminal: never asks, keeps
+    report = kit.unpack(bundle, learner, ask=lambda prompt: "y")
     assert report["kept"] == ["demo/tiny.tflite"]
     assert (learner / "demo" / "tiny.tflite").read_bytes() == b"the learner's own newer model"
     report = kit.unpack(bundle, learner, replace=True)
     assert report["replaced"] == ["demo/tiny.tflite"]
-    assert files.sha256_of(learner / "demo" / "tiny.tflite") == files.sha256_of(instructor / "demo" / "tiny.tflite")
+    assert (files.sha256_of(learner / "demo" / "tiny.tflite")
+            == files.sha256_of(instructor / "demo" / "tiny.tflite"))
 
 
 def test_pack_refuses_an_empty_artifacts_folder_and_downloads_binary_wheels_per_python(tmp_path):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from labkit import machine
-from labkit import measure, memory, models
+from labkit import machine, measure, memory, models
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,8 @@ def test_every_runner_computes_the_same_logits(tiny_model, tflite_path, tmp_path
     import tensorflow as tf
     tf.saved_model.save(tiny_model, str(tmp_path / "sm"))
     reference = tiny_model(images, training=False).numpy()
-    runners = [measure.keras_predict(tiny_model), measure.keras_call(tiny_model), measure.tf_function(tiny_model),
+    runners = [measure.keras_predict(tiny_model), measure.keras_call(tiny_model),
+               measure.tf_function(tiny_model),
                measure.saved_model(tmp_path / "sm"), measure.litert(tflite_path, 1),
                measure.litert(tflite_path, 2, xnnpack=False)]
     for runner in runners:
@@ -32,7 +32,8 @@ def test_every_runner_computes_the_same_logits(tiny_model, tflite_path, tmp_path
 def test_accuracy_matches_a_direct_count(tiny_model, splits):
     x, y = splits.x_test[:300], splits.y_test[:300]
     expected = np.mean(np.argmax(tiny_model(x).numpy(), axis=1) == y)
-    assert measure.accuracy(measure.keras_call(tiny_model), x, y, batch_size=64) == pytest.approx(expected)
+    assert measure.accuracy(measure.keras_call(tiny_model), x, y,
+                            batch_size=64) == pytest.approx(expected)
     with pytest.raises(ValueError, match="labels"):
         measure.accuracy(measure.keras_call(tiny_model), x, y[:10])
 
@@ -52,16 +53,19 @@ def test_accuracy_runs_litert_on_every_core_with_the_same_logits(tflite_path, sp
     assert measure.on_every_core(one) is one
 
 
-def test_a_files_accuracy_is_counted_once_per_version_and_images(tiny_model, tflite_path, tmp_path, splits,
+def test_a_files_accuracy_is_counted_once_per_version_and_images(tiny_model, tflite_path,
+                                                                 tmp_path, splits,
                                                                   monkeypatch):
     x, y = splits.x_test[:200], splits.y_test[:200]
     path = models.save_tflite(tiny_model, tmp_path / "copy.tflite")
     first = measure.accuracy(measure.litert(path, 1), x, y)
     counted = []
     count_correct = measure._count_correct
-    monkeypatch.setattr(measure, "_count_correct", lambda *args: counted.append(1) or count_correct(*args))
+    monkeypatch.setattr(measure, "_count_correct",
+                        lambda *args: counted.append(1) or count_correct(*args))
     assert measure.accuracy(measure.litert(path, 1, name="again"), x, y) == first and counted == []
-    assert measure.accuracy(measure.litert(path, 1), x[:100], y[:100]) >= 0 and len(counted) == 1   # other images
+    # other images
+    assert measure.accuracy(measure.litert(path, 1), x[:100], y[:100]) >= 0 and len(counted) == 1
     flipped = y.copy()
     flipped[0] = (y[0] + 1) % 10
     measure.accuracy(measure.litert(path, 1), x, flipped)
@@ -80,7 +84,8 @@ def test_a_files_accuracy_is_counted_once_per_version_and_images(tiny_model, tfl
     # a damaged entry is counted again and rewritten
     for entry in measure.ACCURACY_DIR.glob("*.json"):
         entry.write_text("{not json")
-    assert measure.accuracy(measure.litert(path, 1), x[:150], y[:150]) == np.mean(y[:150] == 0) and len(counted) == 6
+    assert measure.accuracy(measure.litert(path, 1), x[:150],
+                            y[:150]) == np.mean(y[:150] == 0) and len(counted) == 6
     # Keras models are counted every time: their weights can change in memory
     keras_runner = measure.keras_call(tiny_model)
     measure.accuracy(keras_runner, x, y)
@@ -121,15 +126,19 @@ def test_a_latency_budget_stops_only_the_slow_runner_after_its_minimum_calls(ima
             return np.zeros((len(x), 10))
         return measure.Runner(name, fn, "a test stub")
 
-    latency = measure.measure_latency([stub("slow", 0.004), stub("fast", 0.0)], images, warmup=1, repeats=40,
+    latency = measure.measure_latency([stub("slow", 0.004), stub("fast", 0.0)], images,
+                                      warmup=1, repeats=40,
                                       budget_s=0.01, min_calls=5)
     summary = latency.summary()
-    assert summary.loc["fast", "calls"] == 40 and summary.loc["slow", "calls"] == 5   # 5 x 4 ms > 10 ms
+    # 5 x 4 ms > 10 ms
+    assert summary.loc["fast", "calls"] == 40 and summary.loc["slow", "calls"] == 5
     timed = calls[2:]
-    assert timed[:10].count("slow") == 5 and "slow" not in timed[10:]   # interleaved until its budget ran out
+    # interleaved until its budget ran out
+    assert timed[:10].count("slow") == 5 and "slow" not in timed[10:]
     assert summary.loc["slow", "latency_p50_us"] >= 4000
-    assert measure.measure_latency([stub("slow", 0.004)], images, warmup=0, repeats=8, budget_s=0.01,
-                                   min_calls=8).summary().loc["slow", "calls"] == 8   # the minimum wins
+    # the minimum wins
+    assert measure.measure_latency([stub("slow", 0.004)], images, warmup=0, repeats=8,
+                                   budget_s=0.01, min_calls=8).summary().loc["slow", "calls"] == 8
     with pytest.raises(ValueError, match="budget_s"):
         measure.measure_latency([stub("fast", 0.0)], images, budget_s=0)
 
@@ -145,7 +154,8 @@ def test_first_calls_separate_the_first_invoke_from_the_later_ones(tflite_path, 
 
 def test_throughput_counts_images(images):
     stub = measure.Runner("stub", lambda x: np.zeros((len(x), 10)), "stub")
-    rates = measure.measure_throughput([stub], np.zeros((64, 28, 28, 1), np.float32), batch_size=16, rounds=2)
+    rates = measure.measure_throughput([stub], np.zeros((64, 28, 28, 1), np.float32),
+                                       batch_size=16, rounds=2)
     assert rates["stub"] > 0
     with pytest.raises(ValueError, match="batch_size"):
         measure.measure_throughput([stub], images[:4], batch_size=16)
@@ -249,16 +259,21 @@ def test_side_by_side_and_verdicts(tflite_path, tmp_path, splits, images):
     copy = tmp_path / "copy.tflite"
     copy.write_bytes(tflite_path.read_bytes())
     x, y = splits.x_test[:200], splits.y_test[:200]
-    table, latency = measure.side_by_side({"a": tflite_path, "b": copy}, x, y, latency_images=images,
+    table, latency = measure.side_by_side({"a": tflite_path, "b": copy}, x, y,
+                                          latency_images=images,
                                           reference="a", repeats=10, warmup=2)
     assert list(table.index) == ["a", "b"] and set(latency.samples_us) == {"a", "b"}
-    assert table.loc["a", "accuracy"] == np.mean(np.argmax(measure.litert(tflite_path)(x), axis=1) == y)
+    assert table.loc["a", "accuracy"] == np.mean(np.argmax(measure.litert(tflite_path)(x),
+                                                           axis=1) == y)
     assert table.loc["b", "accuracy"] == table.loc["a", "accuracy"]   # the same bytes
-    assert table.loc["b", "gzip_bytes"] == measure.gzip_bytes(tflite_path) and table.loc["b", "gzip_ratio"] == 1
-    assert table.loc["a", "speedup_p50"] == 1 and table.loc["b", "latency_p50_us"] == latency.p50("b")
+    assert table.loc["b", "gzip_bytes"] == measure.gzip_bytes(tflite_path)
+    assert table.loc["b", "gzip_ratio"] == 1
+    assert table.loc["a", "speedup_p50"] == 1
+    assert table.loc["b", "latency_p50_us"] == latency.p50("b")
     with pytest.raises(ValueError, match="reference"):
         measure.side_by_side({"a": tflite_path}, x, y, latency_images=images, reference="z")
-    verdicts = measure.verdicts({"accuracy": 0.99, "speedup": 1.2}, {"accuracy": 0.99, "speedup": 1.5})
+    verdicts = measure.verdicts({"accuracy": 0.99, "speedup": 1.2},
+                                {"accuracy": 0.99, "speedup": 1.5})
     assert verdicts.set_index("figure")["met"].to_dict() == {"accuracy": True, "speedup": False}
     with pytest.raises(ValueError, match="gzip"):
         measure.verdicts({"accuracy": 1.0}, {"gzip": 30})

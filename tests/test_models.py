@@ -8,19 +8,25 @@ from labkit import measure, models
 
 
 def test_training_is_deterministic(tmp_path, tiny_config, splits):
-    first, _ = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path / "a", progress=False)
-    second, _ = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path / "b", progress=False)
+    first, _ = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path / "a",
+                                             progress=False)
+    second, _ = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path / "b",
+                                              progress=False)
     for w1, w2 in zip(first.get_weights(), second.get_weights()):
         np.testing.assert_array_equal(w1, w2)
 
 
 def test_cache_is_reused_and_keyed_by_config(tmp_path, tiny_config, splits):
-    model, record = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path, progress=False)
+    model, record = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path,
+                                                  progress=False)
     path = models.model_path("baseline", tiny_config, tmp_path)
-    assert path.is_file() and json.loads(path.with_suffix(".json").read_text())["config"]["epochs"] == 1
-    again, record_again = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path, progress=False)
+    assert path.is_file()
+    assert json.loads(path.with_suffix(".json").read_text())["config"]["epochs"] == 1
+    again, record_again = models.load_or_train_baseline(tiny_config, splits, directory=tmp_path,
+                                                        progress=False)
     assert record_again["trained_at"] == record["trained_at"]  # loaded, not retrained
-    np.testing.assert_array_equal(model(splits.x_test[:8]).numpy(), again(splits.x_test[:8]).numpy())
+    np.testing.assert_array_equal(model(splits.x_test[:8]).numpy(),
+                                  again(splits.x_test[:8]).numpy())
     other = models.BaselineConfig(conv_filters=(4, 8), dense_units=16, epochs=1, batch_size=64,
                                   train_subset=512, seed=1)
     assert other.key() != tiny_config.key()
@@ -28,17 +34,20 @@ def test_cache_is_reused_and_keyed_by_config(tmp_path, tiny_config, splits):
 
 def test_settings_key_names_the_settings_not_their_order(tmp_path):
     key = models.settings_key({"sparsity": 0.5, "layers": ("conv2", "dense1")})
-    assert len(key) == 10 and key == models.settings_key({"layers": ["conv2", "dense1"], "sparsity": 0.5})
+    assert len(key) == 10 and key == models.settings_key({"layers": ["conv2", "dense1"],
+                                                          "sparsity": 0.5})
     assert key != models.settings_key({"sparsity": 0.6, "layers": ("conv2", "dense1")})
     assert models.settings_key({"x": np.float32(0.5)}) == models.settings_key({"x": 0.5})
     assert models.settings_key({"dir": tmp_path}) == models.settings_key({"dir": str(tmp_path)})
-    assert models.BaselineConfig().key() == models.settings_key(models.asdict(models.BaselineConfig()))
+    config = models.BaselineConfig()
+    assert config.key() == models.settings_key(models.asdict(config))
 
 
 def test_cache_entry_counts_only_when_complete(tmp_path, tiny_model):
     path = tmp_path / "entry.keras"
     assert models.load_cached(path) is None
-    models.save_cached(tiny_model, {"accuracy": np.float32(0.5), "shape": np.arange(3), "sizes": (1, 2)}, path)
+    models.save_cached(tiny_model,
+                       {"accuracy": np.float32(0.5), "shape": np.arange(3), "sizes": (1, 2)}, path)
     assert not list(tmp_path.glob("*.tmp.keras"))
     model, record = models.load_cached(path, compile=False)
     assert record == {"accuracy": 0.5, "shape": [0, 1, 2], "sizes": [1, 2]}
@@ -107,7 +116,8 @@ def test_weights_key_follows_the_weights(tiny_model, tmp_path):
     assert models.weights_key(copy) != models.weights_key(tiny_model)
     file = tmp_path / "f.bin"
     file.write_bytes(b"abc")
-    assert models.weights_key(file) == models.weights_key(str(file)) != models.weights_key("abc-not-a-file")
+    assert (models.weights_key(file) == models.weights_key(str(file))
+            != models.weights_key("abc-not-a-file"))
 
 
 def test_cached_keys_on_settings_and_input_weights(tiny_model, tmp_path):
@@ -120,15 +130,20 @@ def test_cached_keys_on_settings_and_input_weights(tiny_model, tmp_path):
     other = models.clone_with_weights(tiny_model)
     other.get_layer("logits").bias.assign(other.get_layer("logits").bias + 1.0)
     first, record = models.cached("m", {"s": 1}, [tiny_model], lambda: build(tiny_model), tmp_path)
-    again, again_record = models.cached("m", {"s": 1}, [tiny_model], lambda: build(tiny_model), tmp_path)
+    again, again_record = models.cached("m", {"s": 1}, [tiny_model],
+                                        lambda: build(tiny_model), tmp_path)
     assert len(calls) == 1 and again_record["cached"] and not record["cached"]
     assert models.weights_key(again) == models.weights_key(tiny_model)
-    models.cached("m", {"s": 1}, [other], lambda: build(other), tmp_path)         # another input model
-    models.cached("m", {"s": 2}, [tiny_model], lambda: build(tiny_model), tmp_path)  # other settings
+    # another input model
+    models.cached("m", {"s": 1}, [other], lambda: build(other), tmp_path)
+    # other settings
+    models.cached("m", {"s": 2}, [tiny_model], lambda: build(tiny_model), tmp_path)
     assert len(calls) == 3 and len(list(tmp_path.glob("m-*.keras"))) == 3
-    path, record = models.cached("t", {"s": 1}, tiny_model, lambda: (tiny_model, {}), tmp_path, kind="tflite")
+    path, record = models.cached("t", {"s": 1}, tiny_model, lambda: (tiny_model, {}), tmp_path,
+                                 kind="tflite")
     assert path.suffix == ".tflite" and record["inputs"] == [models.weights_key(tiny_model)]
-    assert sorted(p.name for p in tmp_path.glob("t-*")) == sorted([path.name, path.with_suffix(".json").name])
+    assert sorted(p.name for p in tmp_path.glob("t-*")) == sorted([path.name,
+                                                                   path.with_suffix(".json").name])
     with pytest.raises(ValueError, match="kind"):
         models.cached("x", {}, [], lambda: None, tmp_path, kind="onnx")
 
@@ -136,7 +151,8 @@ def test_cached_keys_on_settings_and_input_weights(tiny_model, tmp_path):
 def test_save_tflite_is_atomic_and_explains_failures(tiny_model, tmp_path):
     path = models.save_tflite(tiny_model, tmp_path / "m.tflite")
     assert path.read_bytes()[4:8] == b"TFL3"
-    assert models.save_tflite(path.read_bytes(), tmp_path / "copy.tflite").read_bytes() == path.read_bytes()
+    assert models.save_tflite(path.read_bytes(),
+                              tmp_path / "copy.tflite").read_bytes() == path.read_bytes()
 
     class Failing:
         def convert(self):

@@ -1,4 +1,5 @@
-"""results.pareto_front and plots.pareto_plot (moved from labkit.pipeline): hand-made tables, brute force."""
+"""results.pareto_front and plots.pareto_plot (moved from labkit.pipeline): hand-made tables,
+brute force."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -52,7 +53,8 @@ def test_pareto_front_matches_brute_force():
 
 
 def test_pareto_plot_rings_the_front():
-    table = _table([("fast", 0.99, 100.0, 1000), ("slow", 0.98, 200.0, 2000), ("bad", 0.90, 300.0, 3000)])
+    table = _table([("fast", 0.99, 100.0, 1000), ("slow", 0.98, 200.0, 2000),
+                    ("bad", 0.90, 300.0, 3000)])
     table["technique"] = ["pruning", "quantization", "pruning"]
     fig = plots.pareto_plot(table, ylim=(0.95, 1.0))
     ringed = [c for c in fig.axes[0].collections if c.get_label() == "Pareto frontier"]
@@ -76,12 +78,15 @@ def test_frontier_remeasures_every_file_on_validation_and_names_missing_notebook
             (results.BASELINE_VARIANT, "baseline", "01_baseline", "a.tflite"),
             ("plain", "pruning", "02_pruning", "b.tflite"),
             ("gone", "clustering", "03_clustering", "gone.tflite")]
-    store = pd.DataFrame([{"variant": v, "technique": t, "notebook": n, "artifact": a, "size_bytes": 100,
+    store = pd.DataFrame([{"variant": v, "technique": t, "notebook": n, "artifact": a,
+                           "size_bytes": 100,
                            "gzip_bytes": 80 + i} for i, (v, t, n, a) in enumerate(rows)])
     table, notes = bench.frontier(small, store, repeats=5, warmup=1)
     assert list(table["variant"]) == [results.BASELINE_VARIANT, "plain"]
-    assert table.loc[0, "shared_with"] == "runtime-litert" and table.loc[0, "technique"] == "baseline"
-    expected = np.mean(np.argmax(measure.litert(tmp_path / "a.tflite")(small.x_val), axis=1) == small.y_val)
+    assert table.loc[0, "shared_with"] == "runtime-litert"
+    assert table.loc[0, "technique"] == "baseline"
+    expected = np.mean(np.argmax(measure.litert(tmp_path / "a.tflite")(small.x_val),
+                                 axis=1) == small.y_val)
     assert table.loc[0, "accuracy"] == pytest.approx(expected)    # validation, not test
     assert (table["latency_p50_us"] > 0).all() and table["pareto"].dtype == bool
     assert any("gone.tflite" in note and "03_clustering" in note for note in notes)

@@ -5,7 +5,8 @@ from labkit import results
 
 
 def row(variant, accuracy=0.99, technique="baseline"):
-    return {"variant": variant, "technique": technique, "notebook": "01_baseline", "accuracy": accuracy,
+    return {"variant": variant, "technique": technique, "notebook": "01_baseline",
+            "accuracy": accuracy,
             "latency_p50_us": 100.0, "latency_p95_us": 150.0, "machine": "test machine"}
 
 
@@ -31,7 +32,8 @@ def test_interrupted_write_keeps_the_old_store(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         results.upsert(row("c"), store)
     assert store.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".csv"] == ["measurements.csv"]  # no temp left
+    # no temp left
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".csv"] == ["measurements.csv"]
 
 
 def test_bad_rows_are_rejected(tmp_path):
@@ -83,25 +85,30 @@ def test_make_row_reads_sizes_and_relative_artifact(tmp_path, monkeypatch):
 
 
 def test_writers_in_several_processes_lose_no_row(tmp_path):
-    """The store's lock (filelock, on POSIX and Windows) serialises read-modify-write across processes."""
+    """The store's lock (filelock, on POSIX and Windows) serialises read-modify-write across
+    processes."""
     import subprocess
     import sys
     store = tmp_path / "measurements.csv"
     writer = ("import sys\nfrom labkit import results\n"
               "for i in range(15):\n"
-              "    results.upsert([results.make_row(f'{sys.argv[1]}-{i}', 'baseline', 'test', accuracy=0.5)], sys.argv[2])\n")
-    processes = [subprocess.Popen([sys.executable, "-c", writer, name, str(store)]) for name in ("a", "b", "c")]
+              "    row = results.make_row(f'{sys.argv[1]}-{i}', 'baseline', 'test', accuracy=0.5)\n"
+              "    results.upsert([row], sys.argv[2])\n")
+    processes = [subprocess.Popen([sys.executable, "-c", writer, name, str(store)])
+                 for name in ("a", "b", "c")]
     assert all(p.wait(timeout=120) == 0 for p in processes)
     assert len(results.load(store)) == 45
 
 
 def test_environment_yml_pins_what_pyproject_pins():
     import tomllib
+
     from labkit import ROOT
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
     conda = {line.strip()[2:] for line in (ROOT / "environment.yml").read_text().splitlines()
              if line.startswith("      - ") and not line.strip().startswith("- -e")}
-    assert conda == pins, f"only in pyproject: {pins - conda}; only in environment.yml: {conda - pins}"
+    assert conda == pins, (f"only in pyproject: {pins - conda}; "
+                           f"only in environment.yml: {conda - pins}")
     assert "python>=3.11,<3.14" in (ROOT / "environment.yml").read_text()
     assert project["requires-python"] == ">=3.11,<3.14"

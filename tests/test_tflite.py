@@ -48,10 +48,13 @@ def test_ops_io_and_weights_of_float_and_int8(files, tiny_plain_model):
     assert sorted(stored) == ["conv1", "conv2", "dense1", "logits"]
     kernel = models.kernel(tiny_plain_model, "conv2")
     np.testing.assert_array_equal(stored["conv2"]["values"], kernel.transpose(3, 0, 1, 2))  # OHWI
-    np.testing.assert_array_equal(stored["dense1"]["values"], models.kernel(tiny_plain_model, "dense1").T)
-    np.testing.assert_array_equal(stored["conv2"]["bias"], tiny_plain_model.get_layer("conv2").bias.numpy())
+    np.testing.assert_array_equal(stored["dense1"]["values"],
+                                  models.kernel(tiny_plain_model, "dense1").T)
+    np.testing.assert_array_equal(stored["conv2"]["bias"],
+                                  tiny_plain_model.get_layer("conv2").bias.numpy())
     int8 = tflite.weights(files["int8"], layers=["conv2", "dense1"])
-    assert int8["conv2"]["dtype"] == np.int8 and len(int8["conv2"]["scales"]) == 8   # one per output channel
+    # one per output channel
+    assert int8["conv2"]["dtype"] == np.int8 and len(int8["conv2"]["scales"]) == 8
     assert set(int8) >= {"conv2", "dense1"}
     tensors = tflite.tensors(files["int8"])
     assert tensors["constant"].sum() >= 8 and (tensors["bytes"] > 0).all()

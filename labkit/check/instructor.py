@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nbformat
 
-from labkit import NOTEBOOKS_DIR, ROOT, book
+from labkit import NOTEBOOKS_DIR, ROOT, book, files
 from labkit.check import solutions
 
 CHECK_CALL = re.compile(r"^check\.(\w+)\((\w+)\)\s*$")
@@ -99,8 +99,4 @@ def write(out: Path = ROOT / "build" / "instructor", directory: Path = NOTEBOOKS
             for summary, answer in answers:
                 lines += [f"**{summary}.** {answer}", ""]
         nbformat.write(filled(nb), out / "notebooks" / path.name)
-    target = out / "solutions.md"
-    tmp = target.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(target)
-    return target
+    return files.write_text(out / "solutions.md", "\n".join(lines))
