@@ -65,7 +65,7 @@ def content_key(*parts, digits: int = 10) -> str:
     """
     digest = hashlib.sha256()
     for part in parts:
-        if isinstance(part, np.ndarray):
+        if isinstance(part, (np.ndarray, np.generic)):   # a variable's value may be a scalar
             digest.update(str(part.shape).encode())
             digest.update(np.ascontiguousarray(part).tobytes())
         elif isinstance(part, (bytes, bytearray, memoryview)):
