@@ -174,10 +174,8 @@ def fit_student(model, x, y, logits, config: StudentConfig, progress: bool = Tru
     Any model with logits out can be the student: the search fine-tunes its factored, pruned
     variants with it.
     """
-    settings = models.TrainSettings(config.epochs, config.batch_size, config.learning_rate,
-                                    config.seed)
-    return models.train(model, x, pack_targets(y, logits), settings, progress=progress,
-                        callbacks=list(callbacks),
+    return models.train(model, x, pack_targets(y, logits), models.TrainSettings.of(config),
+                        progress=progress, callbacks=list(callbacks),
                         loss=DistillationLoss(config.temperature, config.alpha),
                         metrics=[packed_accuracy], description=config.name)
 

@@ -18,8 +18,9 @@ import numpy as np
 def write_atomic(path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` with a temporary path beside `path`, then rename it to `path`.
 
-    A reader sees the old file or the new one, never half of one. The temporary name ends with
-    `path`'s own name, so a writer that checks the suffix (".keras", ".weights.h5") accepts it.
+    A reader sees the old file or the new one, never half of one, even after a crash (a file is
+    flushed to disk before the rename). The temporary name ends with `path`'s own name, so a
+    writer that checks the suffix (".keras", ".weights.h5") accepts it.
     If `write` fails, the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
@@ -27,7 +28,10 @@ def write_atomic(path, write: Callable[[Path], object]) -> Path:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         write(tmp)
-        if tmp.is_dir() and path.is_dir():
+        if tmp.is_file():   # on disk before the rename, so a crash cannot leave an empty file
+            with open(tmp, "rb+") as written:
+                os.fsync(written.fileno())
+        elif tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)   # a directory (a SavedModel) is replaced whole
         os.replace(tmp, path)
     finally:

@@ -172,8 +172,9 @@ def unpack(bundle: Path, artifacts: Path = ARTIFACTS_DIR, replace: bool | None =
                 report["kept"].append(name)
                 continue
             kind = "replaced" if name in conflicts else "same" if target.is_file() else "added"
-            if kind != "same":
-                files.write_atomic(target, lambda tmp, source=source: os.replace(source, tmp))
+            if kind != "same":   # staging sits beside artifacts/: one rename, whole or not at all
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
             report[kind].append(name)
         files.write_json(artifacts / MANIFEST,
                          {**manifest, "unpacked": time.strftime("%Y-%m-%d %H:%M:%S")})

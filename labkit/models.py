@@ -125,6 +125,12 @@ class TrainSettings:
     seed: int = 0
     cosine_decay: bool = True
 
+    @classmethod
+    def of(cls, config) -> "TrainSettings":
+        """The settings of any config that has epochs, batch_size, learning_rate and seed (the
+        baseline's, a fine-tune plan, a student's), with a cosine decay."""
+        return cls(config.epochs, config.batch_size, config.learning_rate, config.seed)
+
 
 def train(model: keras.Model, x, y, settings: TrainSettings, *, validation=None,
           progress: bool = True, callbacks: list | None = None, loss=None, metrics=None,
@@ -180,7 +186,7 @@ class FineTune:
 
     def training(self) -> TrainSettings:
         """The plan as `train` takes it (a cosine from learning_rate to 0)."""
-        return TrainSettings(self.epochs, self.batch_size, self.learning_rate, self.seed)
+        return TrainSettings.of(self)
 
 
 def fine_tune(model: keras.Model, splits, plan: FineTune = FineTune(), *, callbacks=(),
@@ -268,7 +274,7 @@ def load_or_train_baseline(config: BaselineConfig = BaselineConfig(), splits=Non
         splits = load_mnist()
     x, y = splits.x_train[:config.train_subset], splits.y_train[:config.train_subset]   # None: all
     model = build_baseline(config)
-    settings = TrainSettings(config.epochs, config.batch_size, config.learning_rate, config.seed)
+    settings = TrainSettings.of(config)
     fit = train(model, x, y, settings, validation=(splits.x_val, splits.y_val), progress=progress)
     record = {"config": asdict(config), "train_seconds": fit["train_seconds"],
               "history": fit["history"],
