@@ -178,3 +178,57 @@ def latency_against_load(runs: pd.DataFrame, slo_p99_ms: float | None = None):
     left.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def roofline(levels: pd.DataFrame, peaks: dict, points: pd.DataFrame | None = None,
+             title: str = "Roofline of this machine"):
+    """Log-log: attainable GFLOP/s against arithmetic intensity (FLOPs per byte).
+
+    `levels`: level, bytes_per_s (one slanted ceiling each); `peaks`: {label: FLOP/s} (one flat
+    ceiling each); `points`: label, intensity, flops_per_s and group (one marker per group).
+    """
+    fig, ax = plt.subplots(figsize=(8, 5))
+    x = np.logspace(-2, 3, 200)
+    top = max(peaks.values())
+    for row in levels.itertuples():
+        ax.plot(x, np.minimum(x * row.bytes_per_s, top) / 1e9, lw=1,
+                label=f"{row.level} {row.bytes_per_s / 1e9:.0f} GB/s")
+    for label, flops in peaks.items():
+        ax.axhline(flops / 1e9, color="k", lw=0.8, ls="--")
+        ax.text(x[0], flops / 1e9 * 1.08, f"{label} {flops / 1e9:.0f} GFLOP/s", fontsize=8)
+    if points is not None and len(points):
+        for (group, rows), marker in zip(points.groupby("group", sort=False), "os^Dv"):
+            ax.scatter(rows["intensity"], rows["flops_per_s"] / 1e9, marker=marker, s=40,
+                       zorder=3, label=group)
+            for row in rows.itertuples():
+                ax.annotate(row.label, (row.intensity, row.flops_per_s / 1e9), fontsize=7,
+                            xytext=(4, -10), textcoords="offset points")
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOPs per byte moved)",
+           ylabel="GFLOP/s (log scale)", title=title, ylim=(0.1, top / 1e9 * 3))
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def predicted_against_measured(table: pd.DataFrame, band: float = 0.3,
+                               title: str = "The roofline's prediction against the measurement"):
+    """One dot per variant (label, technique, predicted_us, measured_us), log-log, with the
+    line where they agree and a band of +-`band` around it."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for technique, rows in table.groupby("technique", sort=False):
+        ax.scatter(rows["predicted_us"], rows["measured_us"], s=30,
+                   color=technique_colour(technique), label=technique, zorder=3)
+    for row in table.itertuples():
+        ax.annotate(row.label, (row.predicted_us, row.measured_us), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    span = np.array([table[["predicted_us", "measured_us"]].min().min() / 1.5,
+                     table[["predicted_us", "measured_us"]].max().max() * 1.5])
+    ax.plot(span, span, color="k", lw=1, label="measured = predicted")
+    ax.fill_between(span, span * (1 - band), span * (1 + band), color="grey", alpha=0.2,
+                    label=f"within {band:.0%}")
+    ax.set(xscale="log", yscale="log", xlim=span, ylim=span, title=title,
+           xlabel="predicted p50 at batch 1 (µs, log scale)",
+           ylabel="measured p50 at batch 1 (µs, log scale)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

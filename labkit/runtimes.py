@@ -2,16 +2,15 @@
 close each gets to the machine's limit.
 
 ONNX Runtime (through tf2onnx), TF-TRT (where an NVIDIA GPU and TensorRT are present) and
-`runtime_runners`, one `measure.Runner` per runtime for the same model; one-convolution probe
-models measure the peak MAC rate LiteRT reaches here (`peak_mac_rate`), and `compute_floor` sets
-every runtime against it. What happens to the graph first is in `labkit/graph.py`;
-`python -m labkit.targets.graph` measures both.
+`runtime_runners`, one `measure.Runner` per runtime for the same model; `compute_floor` sets
+every runtime against the peak MAC rate LiteRT reaches here (`roofline.peak_mac_rate`). What
+happens to the graph first is in `labkit/graph.py`; `python -m labkit.targets.graph` measures
+both.
 """
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,8 @@ import labkit  # sets the legacy-Keras switch before TensorFlow loads
 tf = labkit.import_tensorflow_quietly(start_runtime=False)  # its C++ start-up lines, kept quiet
 import tf_keras as keras  # noqa: E402
 
-from labkit import files, machine, measure, quantization  # noqa: E402
-from labkit.graph import GRAPH_DIR, LARGE_BATCH  # noqa: E402
+from labkit import files, machine, measure  # noqa: E402
+from labkit.graph import LARGE_BATCH  # noqa: E402
 
 # onnx, onnxruntime, tf2onnx and TensorRT are optional: they are imported where they are used,
 # and onnx_status and tensorrt_status say whether they are there.
@@ -153,89 +152,21 @@ def variant_name(runner_name: str, prefix: str = "runtime") -> str:
 
 # ----------------------------------------------------------------------------- 2. the compute floor
 
-@dataclass
-class Probe:
-    """A one-convolution .tflite model used to measure how many MACs per second LiteRT can reach."""
-    path: Path
-    precision: str
-    macs: int
-
-
-def conv_probe(size: int = 56, channels: int = 64, kernel: int = 3) -> keras.Model:
-    """One size x size x channels -> channels convolution at batch 1: many MACs, little else."""
-    if min(size, channels, kernel) < 1 or kernel > size:
-        raise ValueError(f"size, channels and kernel must be positive with kernel <= size, "
-                         f"got {size}, {channels}, {kernel}")
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((size, size, channels), batch_size=1, name="probe_input")
-    outputs = keras.layers.Conv2D(channels, kernel, padding="same", use_bias=False,
-                                  name="probe_conv")(inputs)
-    return keras.Model(inputs, outputs, name=f"conv_probe_{size}x{size}x{channels}_k{kernel}")
-
-
-def export_probes(size: int = 56, channels: int = 64, kernel: int = 3,
-                  directory: Path = GRAPH_DIR) -> list:
-    """The probe as float32 and full-int8 .tflite files (from the model cache): [Probe, Probe].
-
-    The int8 file is made by quantization.converter, calibrated on four random inputs (a probe
-    measures speed, so any ranges do).
-    """
-    model = conv_probe(size, channels, kernel)
-    calibration = np.random.default_rng(0).random((4, size, size, channels), dtype=np.float32)
-    probes = []
-    for precision, mode, images in (("fp32", "float32", None), ("int8", "int8", calibration)):
-        path = quantization.export(model, mode, images, name=f"{model.name}_{precision}",
-                                   directory=directory)
-        probes.append(Probe(path, precision, measure.count_macs(model)))
-    return probes
-
-
-def _probe_runner(probe: Probe, threads: int) -> measure.Runner:
-    """Invoke the probe on a fixed random input; the image measure_latency hands over is
-    ignored."""
-    interpreter = measure.LiteRTModel(probe.path, num_threads=threads).interpreter  # with XNNPACK
-    detail = interpreter.get_input_details()[0]
-    rng = np.random.default_rng(0)
-    if detail["dtype"] == np.float32:
-        x = rng.random(detail["shape"], dtype=np.float32)
-    else:
-        x = rng.integers(-128, 128, detail["shape"]).astype(detail["dtype"])
-    interpreter.set_tensor(detail["index"], x)
-    runner = measure.Runner(f"probe {probe.precision} {threads} thread(s)",
-                            lambda _: interpreter.invoke(), "invoke only (input set once)",
-                            threads=threads)
-    runner.interpreter = interpreter
-    return runner
-
-
-def peak_mac_rate(probes, threads=(1, 2), repeats: int = 40, warmup: int = 3) -> pd.DataFrame:
-    """MACs per second each probe reaches on LiteRT with XNNPACK at each thread count, timed
-    interleaved."""
-    if not threads or min(threads) < 1:
-        raise ValueError(f"threads must be positive counts, got {threads}")
-    pairs = [(probe, n) for probe in probes for n in threads]
-    runners = [_probe_runner(probe, n) for probe, n in pairs]
-    latency = measure.measure_latency(runners, np.zeros((1, 28, 28, 1), np.float32),
-                                      warmup=warmup, repeats=repeats)
-    rows = []
-    for (probe, n), runner in zip(pairs, runners):
-        p50 = latency.p50(runner.name)
-        rows.append({"precision": probe.precision, "threads": n, "macs": probe.macs,
-                     "latency_p50_us": p50, "gmacs_per_s": probe.macs / p50 / 1e3})
-    return pd.DataFrame(rows)
-
-
 def compute_floor(macs_per_image: int, latency, throughput: pd.Series, peak: pd.DataFrame,
                   batch_size: int = LARGE_BATCH) -> pd.DataFrame:
     """Per runtime: the MAC rate reached at batch 1 and at a large batch, as a fraction of the fp32
-    peak.
+    peak (`peak`: the wide probe's rows of roofline.peak_mac_rate, XNNPACK).
 
     A runner is compared with the best fp32 rate measured at its thread count or fewer;
     threads=None (TensorFlow, every core) counts as the most threads measured.
     `overhead_us` = batch-1 p50 minus the per-image time at the large batch: the fixed cost of one
     call (Python, argument conversion, dispatch, thread wake-up) that a large batch spreads thin.
     """
-    fp32 = peak[peak["precision"] == "fp32"].set_index("threads")["gmacs_per_s"]
+    keep = peak["precision"] == "fp32"
+    for column, value in (("probe", "wide"), ("engine", "XNNPACK")):   # roofline's columns
+        if column in peak:
+            keep &= peak[column] == value
+    fp32 = peak[keep].set_index("threads")["gmacs_per_s"]
     summary = latency.summary()
     rows = []
     for name, row in summary.iterrows():

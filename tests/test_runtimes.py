@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from labkit import measure, models, runtimes, tflite
+from labkit import measure, models, runtimes
 
 
 def test_runtime_runners_agree_with_the_model(tiny_model, images, tmp_path):
@@ -69,19 +69,6 @@ def test_onnx_runner_rejects_a_bad_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the compute floor
-
-def test_probes_count_their_macs_and_int8_is_integer(tmp_path):
-    assert measure.count_macs(runtimes.conv_probe(8, 8, 3)) == 8 * 8 * 8 * 8 * 3 * 3
-    probes = runtimes.export_probes(8, 8, 3, directory=tmp_path)
-    assert [p.precision for p in probes] == ["fp32", "int8"]
-    assert [tflite.io_dtypes(p.path)[0] for p in probes] == [np.float32, np.int8]
-    again = runtimes.export_probes(8, 8, 3, directory=tmp_path)
-    assert again == probes, "the probes come from the cache"
-    peak = runtimes.peak_mac_rate(probes, threads=(1,), repeats=3, warmup=1)
-    assert len(peak) == 2 and (peak["gmacs_per_s"] > 0).all()
-    with pytest.raises(ValueError):
-        runtimes.conv_probe(4, 8, 5)
-
 
 def test_compute_floor_arithmetic():
     latency = measure.Latency(samples_us={"one": np.array([100.0, 100.0, 100.0]),

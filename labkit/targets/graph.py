@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 import labkit  # sets the legacy-Keras switch before TensorFlow loads
-from labkit import folding, machine, measure, models, runtimes
+from labkit import folding, machine, measure, models, roofline, runtimes
 from labkit.data import load_mnist
 from labkit.graph import GRAPH_DIR, LARGE_BATCH, max_abs_diff, xla_compile_costs
 
@@ -46,9 +46,7 @@ def runtime_figures(model, paths: dict, splits, repeats: int, batch_size: int,
         latency = measure.measure_latency(runners, splits.x_test[:100], warmup=10, repeats=repeats)
         throughput = measure.measure_throughput(runners, splits.x_test[:images],
                                                 batch_size=batch_size)
-    cores = machine.machine_info()["usable_cores"]
-    peak = runtimes.peak_mac_rate(runtimes.export_probes(),
-                                  threads=sorted({1, min(2, cores), cores}))
+    peak = roofline.ceilings().peaks
     floor = runtimes.compute_floor(measure.count_macs(model), latency, throughput, peak,
                                    batch_size)
     return peak, floor
@@ -66,7 +64,7 @@ def benchmark(repeats: int = 200, batch_size: int = LARGE_BATCH, images: int = 2
     print(costs.round(2).to_string(index=False))
     peak, floor = runtime_figures(model, paths, splits, repeats, batch_size, images)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print("\npeak MAC rate of a large convolution on LiteRT XNNPACK:")
+        print("\npeak rates on LiteRT (roofline.ceilings; wide probe: MACs, thin: outputs):")
         print(peak.round(1).to_string(index=False))
         print(f"\nruntimes, batch-1 latency ({repeats} interleaved calls) and throughput at "
               f"batch {batch_size}:")
