@@ -210,25 +210,46 @@ def roofline(levels: pd.DataFrame, peaks: dict, points: pd.DataFrame | None = No
     return fig
 
 
-def predicted_against_measured(table: pd.DataFrame, band: float = 0.3,
-                               title: str = "The roofline's prediction against the measurement"):
-    """One dot per variant (label, technique, predicted_us, measured_us), log-log, with the
-    line where they agree and a band of +-`band` around it."""
-    fig, ax = plt.subplots(figsize=(7, 6))
+def predicted_against_measured(table: pd.DataFrame, notebook: str | None = None,
+                               band: float = 0.3):
+    """One dot per variant (roofline.against_measured's table), log-log, with the line where
+    prediction and measurement agree and a band of +-`band` around it; the rows of `notebook`
+    are labelled, the others drawn small."""
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    mine = table["notebook"] == notebook
     for technique, rows in table.groupby("technique", sort=False):
-        ax.scatter(rows["predicted_us"], rows["measured_us"], s=30,
-                   color=technique_colour(technique), label=technique, zorder=3)
-    for row in table.itertuples():
-        ax.annotate(row.label, (row.predicted_us, row.measured_us), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
-    span = np.array([table[["predicted_us", "measured_us"]].min().min() / 1.5,
-                     table[["predicted_us", "measured_us"]].max().max() * 1.5])
+        ax.scatter(rows["predicted_us"], rows["measured_us"], color=technique_colour(technique),
+                   s=np.where(rows["notebook"] == notebook, 45, 14), label=technique, zorder=3)
+    for row in table[mine].itertuples():
+        ax.annotate(row.variant, (row.predicted_us, row.measured_us), fontsize=7,
+                    xytext=(4, -3), textcoords="offset points")
+    values = table[["predicted_us", "measured_us"]]
+    span = np.array([values.min().min() / 1.5, values.max().max() * 1.5])
     ax.plot(span, span, color="k", lw=1, label="measured = predicted")
     ax.fill_between(span, span * (1 - band), span * (1 + band), color="grey", alpha=0.2,
                     label=f"within {band:.0%}")
-    ax.set(xscale="log", yscale="log", xlim=span, ylim=span, title=title,
+    within = float((table["error"] <= band).mean())
+    ax.set(xscale="log", yscale="log", xlim=span, ylim=span,
            xlabel="predicted p50 at batch 1 (µs, log scale)",
-           ylabel="measured p50 at batch 1 (µs, log scale)")
-    ax.legend(fontsize=7)
+           ylabel="measured p50 at batch 1 (µs, log scale)",
+           title=f"Roofline against measurement: {within:.0%} of {len(table)} files within "
+                 f"{band:.0%}")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def bandwidth_steps(sweep: pd.DataFrame, caches: dict):
+    """The bandwidth sweep (working set against GB/s, log x) with each cache's size marked: the
+    memory hierarchy seen as steps."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    ax.plot(sweep["working_set_bytes"] / 1024, sweep["bytes_per_s"] / 1e9, "o-")
+    for level, size in sorted(caches.items()):
+        ax.axvline(size / 1024, color="grey", ls=":", lw=1)
+        ax.text(size / 1024, ax.get_ylim()[1] * 0.95, f" {level} {size / 1024:,.0f} KiB",
+                fontsize=8, va="top")
+    ax.set(xscale="log", xlabel="working set: source + destination (KiB, log scale)",
+           ylabel="GB/s (read + write)", title="A NumPy copy's bandwidth: the caches as steps",
+           ylim=(0, None))
     fig.tight_layout()
     return fig

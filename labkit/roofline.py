@@ -343,20 +343,33 @@ def _elements(shape: tuple, batch: int) -> int:
     return count * batch if shape and shape[0] == 1 else count
 
 
+def _layer(op, stored: pd.DataFrame) -> str:
+    """A readable name for an op: the layer its weight or output tensor names (conv2, dense1,
+    pool1), else the op's type."""
+    names = [stored.loc[t, "name"] for t in (*op.inputs[1:2], op.outputs[0]) if t >= 0]
+    for name in names:
+        if tflite.layer_like(name):
+            return tflite.layer_like(name)
+    parts = names[-1].split(";")[0].split("/")
+    return parts[1] if len(parts) > 2 else op.op.lower()
+
+
 def _op_rows(path, batch: int, xnnpack: bool) -> list:
     """Per op: MACs, precision, engine, and the bytes it reads and writes at run time."""
     stored, ops = tflite.stored_tensors(path), tflite.ops(path)
     kinds = litert_quant.op_precisions(path)
-    dequantized = {o[0] for o in ops.loc[ops["op"] == "DEQUANTIZE", "outputs"]
-                   if all(stored.loc[i, "stored_bytes"] > 0 for i in ops.loc[
-                       ops["outputs"].map(lambda out, t=o[0]: t in out), "inputs"].iloc[0])}
-    rows = []
+    # An op whose inputs are all stored in the file (DEQUANTIZE or DENSIFY of a weight) runs once,
+    # at load or at the first call, and its result is kept: later ops read it as a weight.
+    made_once, rows = set(), []
     for index, op in enumerate(ops.itertuples()):
+        once = all(stored.loc[t, "stored_bytes"] > 0 or t in made_once
+                   for t in op.inputs if t >= 0)
+        made_once |= set(op.outputs) if once else set()
         weights = activations = 0.0
         for t in [i for i in op.inputs if i >= 0]:
             tensor = stored.loc[t]
-            if t in dequantized:       # widened to float32 once, then read as float32 each call
-                weights += _elements(tensor["shape"], 1) * 4
+            if t in made_once:         # widened (or densified) once, then read as it was left
+                weights += _elements(tensor["shape"], 1) * DTYPE_BYTES[tensor["type"]]
             elif tensor["stored_bytes"] > 0:
                 weights += tensor["stored_bytes"]
             else:
@@ -366,9 +379,8 @@ def _op_rows(path, batch: int, xnnpack: bool) -> list:
         weight_shape = stored.loc[op.inputs[1], "shape"] if len(op.inputs) > 1 else ()
         macs = op_macs(op.op, weight_shape, stored.loc[op.inputs[0], "shape"],
                        _elements(outputs[0]["shape"], batch))
-        once = op.op == "DEQUANTIZE" and op.outputs[0] in dequantized
         computes_in = kinds.loc[index, "computes_in"]
-        rows.append({"op_index": index, "op": op.op, "macs": macs,
+        rows.append({"op_index": index, "op": op.op, "layer": _layer(op, stored), "macs": macs,
                      "precision": "int8" if computes_in.startswith(("integer", "hybrid"))
                      else "fp32",
                      "engine": kinds.loc[index, "runs_on"] if xnnpack else "built-in kernel",
@@ -382,10 +394,11 @@ def op_table(path, found: Ceilings, *, batch: int = 1, threads: int = 1,
              xnnpack: bool = True) -> pd.DataFrame:
     """The roofline's prediction for every op of a .tflite file, in execution order.
 
-    Columns: op_index, op, macs, precision, engine, weight_bytes (as the runtime reads them: a
-    weight widened to float32 once counts 4 bytes), activation_bytes (read and written),
-    intensity (FLOPs per byte), compute_us, memory_us, predicted_us, bound. Every op's data
-    comes from the memory level that holds the whole model (weights + activation arena).
+    Columns: op_index, op, layer, macs, outputs, precision, engine, weight_bytes (as the runtime
+    reads them: a weight widened to float32 once counts 4 bytes), activation_bytes (read and
+    written), intensity (FLOPs per byte), compute_us (at the wide probe's peak), memory_us (at
+    the bandwidth of the level that holds the whole model: weights + activation arena),
+    outputs_us (at the thin probe's output rate), predicted_us (the largest), bound.
     """
     if batch < 1 or threads < 1:
         raise ValueError(f"batch and threads must be >= 1, got {batch} and {threads}")
@@ -409,6 +422,15 @@ def op_table(path, found: Ceilings, *, batch: int = 1, threads: int = 1,
     table.attrs.update(footprint_bytes=float(footprint), bandwidth_bytes_per_s=bandwidth,
                        batch=batch, threads=threads)
     return table.drop(columns="once")
+
+
+def plot_points(table: pd.DataFrame, group: str, time_column: str = "predicted_us"):
+    """The ops with MACs as points of plots.roofline: label, intensity, flops_per_s (at
+    `time_column`'s time), group."""
+    ops = table[(table["macs"] > 0) & (table[time_column] > 0)]
+    return pd.DataFrame({"label": ops["layer"], "intensity": ops["intensity"],
+                         "flops_per_s": FLOPS_PER_MAC * ops["macs"] / (ops[time_column] * 1e-6),
+                         "group": group})
 
 
 def predict(path, found: Ceilings, *, batch: int = 1, threads: int = 1,
@@ -464,7 +486,7 @@ def where_time_goes(path, found: Ceilings, *, repeats: int = 200) -> pd.DataFram
     which the roofline does not see. `.attrs`: whole_us, predicted_us (sum of the ops)."""
     predicted = op_table(path, found)
     measured = profiler.where_time_goes(path, repeats=repeats)
-    out = predicted[["op_index", "op", "bound", "predicted_us"]].merge(
+    out = predicted[["op_index", "op", "layer", "bound", "predicted_us"]].merge(
         measured[["op_index", "op", "measured_us"]], on=["op_index", "op"], how="outer")
     out["predicted_us"] = out["predicted_us"].fillna(0.0)
     out["bound"] = out["bound"].fillna("not modelled")

@@ -123,7 +123,8 @@ def solution(name: str) -> None:
     print(inspect.getsource(getattr(solutions, name)))
 
 
-CHAPTERS = ("baseline", "pruning", "clustering", "quantization", "graph", "pipeline", "search")
+CHAPTERS = ("baseline", "pruning", "clustering", "quantization", "graph", "pipeline", "search",
+            "roofline")
 SUBMODULES = (*CHAPTERS, "solutions", "instructor", "__main__")
 
 

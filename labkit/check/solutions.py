@@ -127,3 +127,32 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha
     student_log_p = log_softmax(student_logits / temperature)
     kl = np.mean(np.sum(np.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=1))
     return float(alpha * hard + (1 - alpha) * temperature ** 2 * kl)
+
+
+# ----------------------------------------------------------------------------- 01 · roofline
+
+def arithmetic_intensity(macs, weight_count, weight_bits, activation_count, activation_bits=32):
+    bytes_moved = (weight_count * weight_bits + activation_count * activation_bits) / 8
+    if bytes_moved == 0:
+        raise ValueError("nothing is moved, so FLOPs per byte is undefined")
+    return 2 * macs / bytes_moved   # a MAC is 2 FLOPs: a multiply and an add
+
+
+def roofline_time(macs, bytes_moved, peak_flops_per_s, bandwidth_bytes_per_s):
+    compute_s = 2 * macs / peak_flops_per_s
+    memory_s = bytes_moved / bandwidth_bytes_per_s
+    return max(compute_s, memory_s)   # the two overlap: the slower one sets the time
+
+
+# ----------------------------------------------------------------------------- 09 · serving
+
+def replicas_needed(rate_rps, service_time_s, slo_s, quantile=0.99):
+    tail = -math.log(1 - quantile)   # the q-quantile of an exponential time, in units of its mean
+    if tail * service_time_s >= slo_s:
+        raise ValueError(f"even an idle replica's p{quantile * 100:g} exceeds {slo_s} s")
+    c = max(1, math.floor(rate_rps * service_time_s))   # fewer replicas could not even keep up
+    while True:
+        spare = 1 / service_time_s - rate_rps / c        # mu - lambda of one replica
+        if spare > 0 and tail / spare <= slo_s:
+            return c
+        c += 1
