@@ -8,6 +8,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from labkit import results
 
@@ -220,9 +221,17 @@ def predicted_against_measured(table: pd.DataFrame, notebook: str | None = None,
     for technique, rows in table.groupby("technique", sort=False):
         ax.scatter(rows["predicted_us"], rows["measured_us"], color=technique_colour(technique),
                    s=np.where(rows["notebook"] == notebook, 45, 14), label=technique, zorder=3)
+    placed = []   # one label per spot: files with the same prediction share a point
     for row in table[mine].itertuples():
-        ax.annotate(row.variant, (row.predicted_us, row.measured_us), fontsize=7,
-                    xytext=(4, -3), textcoords="offset points")
+        near = [p for p in placed if abs(np.log(p[0] / row.predicted_us)) < 0.05
+                and abs(np.log(p[1] / row.measured_us)) < 0.05]
+        if near:
+            near[0][2].append(row.variant)
+            continue
+        placed.append((row.predicted_us, row.measured_us, [row.variant]))
+    for x, y, names in placed:
+        label = names[0] + (f" (+{len(names) - 1} more)" if len(names) > 1 else "")
+        ax.annotate(label, (x, y), fontsize=7, xytext=(4, -3), textcoords="offset points")
     values = table[["predicted_us", "measured_us"]]
     span = np.array([values.min().min() / 1.5, values.max().max() * 1.5])
     ax.plot(span, span, color="k", lw=1, label="measured = predicted")
@@ -234,6 +243,10 @@ def predicted_against_measured(table: pd.DataFrame, notebook: str | None = None,
            ylabel="measured p50 at batch 1 (µs, log scale)",
            title=f"Roofline against measurement: {within:.0%} of {len(table)} files within "
                  f"{band:.0%}")
+    for axis_ in (ax.xaxis, ax.yaxis):   # plain numbers at 1, 2 and 5 times a power of ten
+        axis_.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis_.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis_.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig

@@ -8,6 +8,7 @@ of a .tflite file and `predict(path, ceilings)` the whole call.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -354,8 +355,16 @@ def _layer(op, stored: pd.DataFrame) -> str:
     return parts[1] if len(parts) > 2 else op.op.lower()
 
 
-def _op_rows(path, batch: int, xnnpack: bool) -> list:
-    """Per op: MACs, precision, engine, and the bytes it reads and writes at run time."""
+def _op_rows(path, batch: int, xnnpack: bool) -> tuple:
+    """Per op: MACs, precision, engine, and the bytes it reads and writes at run time; and the
+    activation arena. Read once per file as it is on disk (the store's rows share files)."""
+    path = tflite.check(path)
+    stat = path.stat()
+    return _read_ops(str(path), stat.st_mtime_ns, stat.st_size, batch, xnnpack)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_ops(path: str, _mtime_ns: int, _size: int, batch: int, xnnpack: bool) -> tuple:
     stored, ops = tflite.stored_tensors(path), tflite.ops(path)
     kinds = litert_quant.op_precisions(path)
     # An op whose inputs are all stored in the file (DEQUANTIZE or DENSIFY of a weight) runs once,
@@ -387,7 +396,7 @@ def _op_rows(path, batch: int, xnnpack: bool) -> list:
                      "outputs": _elements(outputs[0]["shape"], batch),
                      "weight_bytes": 0.0 if once else weights,
                      "activation_bytes": 0.0 if once else activations, "once": once})
-    return rows
+    return tuple(rows), tflite.arena_bytes(path)["planned_peak_bytes"] * batch
 
 
 def op_table(path, found: Ceilings, *, batch: int = 1, threads: int = 1,
@@ -402,8 +411,8 @@ def op_table(path, found: Ceilings, *, batch: int = 1, threads: int = 1,
     """
     if batch < 1 or threads < 1:
         raise ValueError(f"batch and threads must be >= 1, got {batch} and {threads}")
-    table = pd.DataFrame(_op_rows(path, batch, xnnpack))
-    arena = tflite.arena_bytes(path)["planned_peak_bytes"] * batch
+    rows, arena = _op_rows(path, batch, xnnpack)
+    table = pd.DataFrame(list(rows))
     footprint = table["weight_bytes"].sum() + arena
     bandwidth = bandwidth_at(found.sweep, footprint)
     moved = table["weight_bytes"] + table["activation_bytes"]
