@@ -355,10 +355,19 @@ def _layer(op, stored: pd.DataFrame) -> str:
     return parts[1] if len(parts) > 2 else op.op.lower()
 
 
+def as_file(model_or_path) -> Path:
+    """A .tflite path as given, or a Keras model as the float32 file LiteRT would run (the model
+    cache's, keyed by its weights)."""
+    if isinstance(model_or_path, keras.Model):
+        return quantization.export(model_or_path, "float32", name=model_or_path.name,
+                                   directory=ROOFLINE_DIR)
+    return tflite.check(model_or_path)
+
+
 def _op_rows(path, batch: int, xnnpack: bool) -> tuple:
     """Per op: MACs, precision, engine, and the bytes it reads and writes at run time; and the
     activation arena. Read once per file as it is on disk (the store's rows share files)."""
-    path = tflite.check(path)
+    path = as_file(path)
     stat = path.stat()
     return _read_ops(str(path), stat.st_mtime_ns, stat.st_size, batch, xnnpack)
 
@@ -401,7 +410,8 @@ def _read_ops(path: str, _mtime_ns: int, _size: int, batch: int, xnnpack: bool) 
 
 def op_table(path, found: Ceilings, *, batch: int = 1, threads: int = 1,
              xnnpack: bool = True) -> pd.DataFrame:
-    """The roofline's prediction for every op of a .tflite file, in execution order.
+    """The roofline's prediction for every op of a .tflite file (or a Keras model, as_file), in
+    execution order.
 
     Columns: op_index, op, layer, macs, outputs, precision, engine, weight_bytes (as the runtime
     reads them: a weight widened to float32 once counts 4 bytes), activation_bytes (read and
@@ -446,6 +456,7 @@ def predict(path, found: Ceilings, *, batch: int = 1, threads: int = 1,
             xnnpack: bool = True) -> dict:
     """The predicted time of one call at `batch` images, and per image: the ops' roofline times
     plus the cost of one call for the file's input type."""
+    path = as_file(path)
     table = op_table(path, found, batch=batch, threads=threads, xnnpack=xnnpack)
     io = "float32" if tflite.io_dtypes(path)[0] == np.float32 else "int8"
     ops_us = float(table["predicted_us"].sum())

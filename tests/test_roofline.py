@@ -146,6 +146,8 @@ def test_op_table_by_hand(small):
     assert set(table["bound"]) <= {"compute", "memory", "output"}
     pool = table[table["op"] == "MAX_POOL_2D"].iloc[0]
     assert pool["bound"] == "memory" and pool["macs"] == 0
+    from_keras = roofline.op_table(model, found)   # a Keras model: predicted as its float32 file
+    np.testing.assert_allclose(from_keras["predicted_us"], table["predicted_us"])
     batch = roofline.op_table(paths["float32"], found, batch=8)
     assert (batch["macs"] == 8 * table["macs"]).all()
     assert (batch["weight_bytes"] == table["weight_bytes"]).all(), "weights are read once a call"
