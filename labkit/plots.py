@@ -235,7 +235,8 @@ def predicted_against_measured(table: pd.DataFrame, notebook: str | None = None,
     values = table[["predicted_us", "measured_us"]]
     span = np.array([values.min().min() / 1.5, values.max().max() * 1.5])
     ax.plot(span, span, color="k", lw=1, label="measured = predicted")
-    ax.fill_between(span, span * (1 - band), span * (1 + band), color="grey", alpha=0.2,
+    # |measured - predicted| / measured <= band: measured between p / (1 + band) and p / (1 - band)
+    ax.fill_between(span, span / (1 + band), span / (1 - band), color="grey", alpha=0.2,
                     label=f"within {band:.0%}")
     within = float((table["error"] <= band).mean())
     ax.set(xscale="log", yscale="log", xlim=span, ylim=span,

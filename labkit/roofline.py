@@ -510,6 +510,8 @@ def where_time_goes(path, found: Ceilings, *, repeats: int = 200) -> pd.DataFram
         measured[["op_index", "op", "measured_us"]], on=["op_index", "op"], how="outer")
     out["predicted_us"] = out["predicted_us"].fillna(0.0)
     out["bound"] = out["bound"].fillna("not modelled")
-    out.attrs.update(whole_us=measured.attrs["whole_us"],
-                     predicted_us=float(predicted["predicted_us"].sum()))
+    out["layer"] = out["layer"].fillna("")
+    last = out["op_index"].where(out["op_index"] >= 0, len(out))   # the overhead row last
+    out = out.iloc[last.argsort()].reset_index(drop=True)
+    out.attrs = {**measured.attrs, "predicted_us": float(predicted["predicted_us"].sum())}
     return out
