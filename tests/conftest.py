@@ -69,6 +69,32 @@ def tiny_plain_model(splits):
     return model
 
 
+@pytest.fixture(scope="session")
+def three_files():
+    """convert(model, directory) -> {"float32", "int8", "float16": path}: the model as plain,
+    full-int8 (20 random calibration images) and float16 .tflite files (float16 widens its weights
+    with a DEQUANTIZE of a constant, as the int4 weight-only file does)."""
+    import tensorflow as tf
+
+    from labkit import models
+
+    def convert(model, directory) -> dict:
+        paths = {"float32": models.save_tflite(model, directory / "float32.tflite")}
+        calibration = np.random.default_rng(0).random((20, 28, 28, 1), dtype=np.float32)
+        for name in ("int8", "float16"):
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if name == "int8":
+                converter.representative_dataset = lambda: ([x[None]] for x in calibration)
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                converter.inference_input_type = converter.inference_output_type = tf.int8
+            else:
+                converter.target_spec.supported_types = [tf.float16]
+            paths[name] = models.save_tflite(converter, directory / f"{name}.tflite")
+        return paths
+    return convert
+
+
 @pytest.fixture
 def images(splits):
     return np.ascontiguousarray(splits.x_test[:32])

@@ -1,11 +1,10 @@
 """labkit.profiler: one-op models cut from a .tflite file, per-op times, ONNX Runtime's profile."""
 import numpy as np
 import pytest
-import tensorflow as tf
 import tf_keras as keras
 from ai_edge_litert import schema_py_generated as schema
 
-from labkit import models, profiler, runtimes, tflite
+from labkit import profiler, runtimes, tflite
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +19,9 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def files(tiny, tmp_path_factory):
-    """The tiny model as float32, full int8 and float16 files (float16 widens its weights with a
-    DEQUANTIZE of a constant, as the int4 weight-only file does)."""
-    directory = tmp_path_factory.mktemp("profiler")
-    paths = {"float32": models.save_tflite(tiny, directory / "float32.tflite")}
-    calibration = np.random.default_rng(0).random((20, 28, 28, 1), dtype=np.float32)
-    for name in ("int8", "float16"):
-        converter = tf.lite.TFLiteConverter.from_keras_model(tiny)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if name == "int8":
-            converter.representative_dataset = lambda: ([x[None]] for x in calibration)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = converter.inference_output_type = tf.int8
-        else:
-            converter.target_spec.supported_types = [tf.float16]
-        paths[name] = models.save_tflite(converter, directory / f"{name}.tflite")
-    return paths
+def files(tiny, tmp_path_factory, three_files):
+    """The tiny model as float32, full int8 and float16 files."""
+    return three_files(tiny, tmp_path_factory.mktemp("profiler"))
 
 
 def _run(content: bytes, feeds: list, xnnpack: bool) -> np.ndarray:

@@ -5,10 +5,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
 import tf_keras as keras
 
-from labkit import files, machine, measure, models, roofline, tflite
+from labkit import files, machine, measure, roofline, tflite
 
 
 def synthetic_ceilings(peak_gmacs=10.0, outputs_g=1.0, bandwidth=10e9) -> roofline.Ceilings:
@@ -27,7 +26,7 @@ def synthetic_ceilings(peak_gmacs=10.0, outputs_g=1.0, bandwidth=10e9) -> roofli
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def small(tmp_path_factory, three_files):
     """A small CNN of the book's shape as float32, full-int8 and float16 .tflite files."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((28, 28, 1)),
@@ -36,20 +35,7 @@ def small(tmp_path_factory):
                               keras.layers.MaxPooling2D(), keras.layers.Flatten(),
                               keras.layers.Dense(16, activation="relu", name="dense1"),
                               keras.layers.Dense(10, name="logits")])
-    directory = tmp_path_factory.mktemp("roofline")
-    paths = {"float32": models.save_tflite(model, directory / "float32.tflite")}
-    calibration = np.random.default_rng(0).random((20, 28, 28, 1), dtype=np.float32)
-    for name in ("int8", "float16"):
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if name == "int8":
-            converter.representative_dataset = lambda: ([x[None]] for x in calibration)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = converter.inference_output_type = tf.int8
-        else:
-            converter.target_spec.supported_types = [tf.float16]
-        paths[name] = models.save_tflite(converter, directory / f"{name}.tflite")
-    return model, paths
+    return model, three_files(model, tmp_path_factory.mktemp("roofline"))
 
 
 # ----------------------------------------------------------------------------- the math
