@@ -193,10 +193,10 @@ def intermediates(path, x: np.ndarray) -> dict:
     return {t["index"]: found.get_tensor(t["index"]).copy() for t in found.get_tensor_details()}
 
 
-def _invoke_runner(name: str, content: bytes, feeds: list, threads: int,
+def invoke_runner(name: str, content: bytes, feeds: list, threads: int,
                    xnnpack: bool = True) -> measure.Runner:
-    """Invoke on inputs set once (as runtimes._probe_runner does); measure_latency's image is
-    ignored."""
+    """A runner that only invokes, on inputs set once (the ceilings' probes and each one-op
+    model are timed so); measure_latency's image is ignored."""
     found = _open(content, threads, xnnpack)
     details = found.get_input_details()
     for detail, value in zip(details, feeds):
@@ -227,14 +227,14 @@ def litert_ops(path, *, threads: int = 1, repeats: int = 200, warmup: int = 20,
         raise ValueError(f"batch and threads must be >= 1, got {batch} and {threads}")
     model, names = _load(path), tflite.op_names(path)
     values = intermediates(path, example_input(path, batch))
-    runners = [_invoke_runner("whole model", tflite.check(path).read_bytes(),
+    runners = [invoke_runner("whole model", tflite.check(path).read_bytes(),
                               [values[int(model.subgraphs[0].inputs[0])]], threads),
-               _invoke_runner("overhead probe", trivial_model(),
+               invoke_runner("overhead probe", trivial_model(),
                               [np.zeros(1, np.float32)], threads)]
     for i in range(len(names)):
         cut, inputs, _ = _cut(model, i)
         # no runtime input (a stored weight's DEQUANTIZE): XNNPACK cannot set up such a graph
-        runners.append(_invoke_runner(f"op {i}", _pack(cut), [values[t] for t in inputs],
+        runners.append(invoke_runner(f"op {i}", _pack(cut), [values[t] for t in inputs],
                                       threads, xnnpack=bool(inputs)))
     latency = measure.measure_latency(runners, np.zeros((1, 1), np.float32), warmup=warmup,
                                       repeats=repeats)

@@ -174,23 +174,6 @@ def export_probes(size: int = 56, channels: int = 64, kernel: int = 3,
     return probes
 
 
-def invoke_runner(path, threads: int, xnnpack: bool = True, name: str | None = None):
-    """A runner that only invokes: the input is set once, to fixed random values."""
-    model = measure.LiteRTModel(path, num_threads=threads, xnnpack=xnnpack)
-    interpreter, detail = model.interpreter, model.input
-    rng = np.random.default_rng(0)
-    if detail["dtype"] == np.float32:
-        x = rng.random(detail["shape"], dtype=np.float32)
-    else:
-        x = rng.integers(-128, 128, detail["shape"]).astype(detail["dtype"])
-    interpreter.set_tensor(detail["index"], x)
-    runner = measure.Runner(name or f"invoke {Path(path).stem} {threads} thread(s)",
-                            lambda _: interpreter.invoke(), "invoke only (input set once)",
-                            threads=threads)
-    runner.interpreter = interpreter
-    return runner
-
-
 def peak_mac_rate(probes, threads=(1, 2), engines=("XNNPACK",), repeats: int = 40,
                   warmup: int = 3) -> pd.DataFrame:
     """MACs (and outputs) per second each probe reaches on LiteRT at each thread count and
@@ -201,9 +184,10 @@ def peak_mac_rate(probes, threads=(1, 2), engines=("XNNPACK",), repeats: int = 4
     if unknown:
         raise ValueError(f"engines must be among {ENGINES}, got {sorted(unknown)}")
     cases = [(probe, n, engine) for probe in probes for n in threads for engine in engines]
-    runners = [invoke_runner(probe.path, n, engine == "XNNPACK",
-                             f"probe {probe.kind} {probe.precision} {engine} {n} thread(s)")
-               for probe, n, engine in cases]
+    names = [f"probe {p.kind} {p.precision} {engine} {n} thread(s)" for p, n, engine in cases]
+    runners = [profiler.invoke_runner(name, probe.path.read_bytes(),
+                                      [profiler.example_input(probe.path)], n, engine == "XNNPACK")
+               for name, (probe, n, engine) in zip(names, cases)]
     latency = measure.measure_latency(runners, np.zeros((1, 28, 28, 1), np.float32),
                                       warmup=warmup, repeats=repeats)
     rows = []
